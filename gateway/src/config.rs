@@ -1,0 +1,555 @@
+//! Configuration: the documented defaults (`config/gateway.toml`, built in), then an optional
+//! file, then `GATEWAY_<SECTION>__<KEY>` environment variables; validated into errors that name
+//! the key and the fix, never a panic.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use serde::{Deserialize, Deserializer};
+
+use crate::decode::{self, TimestampUnit, TopicPattern};
+
+/// The documented default configuration, printed by `gateway generate-config`.
+pub const DEFAULT_TOML: &str = include_str!("../../config/gateway.toml");
+
+/// Prefix of environment overrides; sections and keys are separated by a double underscore.
+pub const ENV_PREFIX: &str = "GATEWAY_";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file or an override could not be read or has the wrong type: fix the named key.
+    #[error("{0}")]
+    Load(Box<figment::Error>),
+    /// A secret file could not be read.
+    #[error("{key}: cannot read {path}: {source}")]
+    SecretFile {
+        key: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Values that parse but make no sense; one line per problem.
+    #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+    Invalid(Vec<String>),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub mqtt: MqttConfig,
+    pub decode: DecodeConfig,
+    pub queue: QueueConfig,
+    pub batch: BatchConfig,
+    pub sink: SinkConfig,
+    pub admin: AdminConfig,
+    pub log: LogConfig,
+    pub dlq: DlqConfig,
+    pub shutdown: ShutdownConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MqttMode {
+    Embedded,
+    External,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    pub mode: MqttMode,
+    pub listen: SocketAddr,
+    pub listen_v5: SocketAddr,
+    pub topic: String,
+    pub max_connections: usize,
+    pub broker_segment_size: ByteSize,
+    pub broker_segment_count: usize,
+    #[serde(deserialize_with = "lossy_string")]
+    pub client_id: String,
+    pub url: String,
+    #[serde(deserialize_with = "lossy_string")]
+    pub group: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecodeConfig {
+    pub max_payload_bytes: ByteSize,
+    pub max_readings_per_payload: usize,
+    pub max_fields_per_reading: usize,
+    pub max_key_bytes: usize,
+    pub max_text_bytes: ByteSize,
+    pub timestamp_unit: TimestampUnit,
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_future_skew: Duration,
+    pub keep_integers: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueConfig {
+    pub max_readings: usize,
+    pub max_bytes: ByteSize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchConfig {
+    pub max_readings: usize,
+    pub max_bytes: ByteSize,
+    #[serde(with = "humantime_serde")]
+    pub linger: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SinkApi {
+    V1,
+    V2,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkConfig {
+    pub api: SinkApi,
+    pub url: String,
+    #[serde(deserialize_with = "lossy_string")]
+    pub org: String,
+    #[serde(deserialize_with = "lossy_string")]
+    pub bucket: String,
+    pub token: Secret,
+    pub token_file: PathBuf,
+    #[serde(deserialize_with = "lossy_string")]
+    pub database: String,
+    #[serde(deserialize_with = "lossy_string")]
+    pub retention_policy: String,
+    #[serde(deserialize_with = "lossy_string")]
+    pub username: String,
+    pub password: Secret,
+    pub password_file: PathBuf,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    pub max_in_flight: usize,
+    pub gzip: bool,
+    pub max_attempts: u32,
+    #[serde(with = "humantime_serde")]
+    pub retry_initial: Duration,
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DlqConfig {
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownConfig {
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+/// A secret value: its `Debug` never shows it, so it cannot reach a log by accident.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself, for the one place that must send it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() {
+            "<unset>"
+        } else {
+            "<redacted>"
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        lossy_string(d).map(Secret)
+    }
+}
+
+/// Strings that environment overrides may have turned into numbers or bools
+/// (GATEWAY_SINK__TOKEN=12345 arrives as an integer).
+fn lossy_string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Scalar {
+        S(String),
+        I(i64),
+        U(u64),
+        F(f64),
+        B(bool),
+    }
+    Ok(match Scalar::deserialize(d)? {
+        Scalar::S(s) => s,
+        Scalar::I(i) => i.to_string(),
+        Scalar::U(u) => u.to_string(),
+        Scalar::F(f) => f.to_string(),
+        Scalar::B(b) => b.to_string(),
+    })
+}
+
+impl Config {
+    /// Loads defaults, then `file` if given, then the process environment; then validates.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_from(file, Env::prefixed(ENV_PREFIX).split("__"))
+    }
+
+    /// Like [`Config::load`] with the override layer given explicitly, so that tests need not
+    /// touch the process environment.
+    pub fn load_from(
+        file: Option<&Path>,
+        env: impl figment::Provider,
+    ) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Toml::string(DEFAULT_TOML));
+        if let Some(file) = file {
+            if !file.exists() {
+                return Err(ConfigError::Invalid(vec![format!(
+                    "--config {}: no such file (run `gateway generate-config > {}` to create one)",
+                    file.display(),
+                    file.display()
+                )]));
+            }
+            figment = figment.merge(Toml::file(file));
+        }
+        let mut config: Config = figment
+            .merge(env)
+            .extract()
+            .map_err(|e| ConfigError::Load(Box::new(e)))?;
+        config.sink.token = read_secret(
+            "sink.token_file",
+            &config.sink.token_file,
+            config.sink.token,
+        )?;
+        config.sink.password = read_secret(
+            "sink.password_file",
+            &config.sink.password_file,
+            config.sink.password,
+        )?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses a TOML string over the defaults, with no environment: for tests and tools.
+    pub fn from_toml(toml: &str) -> Result<Self, ConfigError> {
+        let config: Config = Figment::from(Toml::string(DEFAULT_TOML))
+            .merge(Toml::string(toml))
+            .extract()
+            .map_err(|e| ConfigError::Load(Box::new(e)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Every problem at once, each naming its key and what to do.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut errors = Vec::new();
+        let mut need = |ok: bool, msg: String| {
+            if !ok {
+                errors.push(msg);
+            }
+        };
+        if let Err(e) = TopicPattern::parse(&self.mqtt.topic) {
+            need(
+                false,
+                format!(
+                    "mqtt.topic {:?} {e}; for example \"telemetry/{{device}}/{{measurement}}\"",
+                    self.mqtt.topic
+                ),
+            );
+        }
+        need(
+            self.mqtt.max_connections >= 1,
+            "mqtt.max_connections must be at least 1".into(),
+        );
+        need(
+            self.mqtt.broker_segment_size.as_u64() >= 1024 * 1024,
+            "mqtt.broker_segment_size must be at least \"1MiB\"".into(),
+        );
+        need(
+            self.mqtt.broker_segment_count >= 2,
+            "mqtt.broker_segment_count must be at least 2".into(),
+        );
+        need(
+            self.mqtt.mode == MqttMode::Embedded
+                || self.mqtt.url.starts_with("mqtt://")
+                || self.mqtt.url.starts_with("mqtts://"),
+            format!(
+                "mqtt.url {:?} must start with mqtt:// or mqtts://",
+                self.mqtt.url
+            ),
+        );
+        need(
+            self.mqtt.listen != self.mqtt.listen_v5,
+            "mqtt.listen and mqtt.listen_v5 must differ: each MQTT version needs its own port"
+                .into(),
+        );
+        let d = &self.decode;
+        need(
+            d.max_payload_bytes.as_u64() >= 16,
+            "decode.max_payload_bytes must be at least 16".into(),
+        );
+        need(
+            d.max_payload_bytes.as_u64() <= 128 * 1024 * 1024,
+            "decode.max_payload_bytes must be at most \"128MiB\"".into(),
+        );
+        need(
+            d.max_readings_per_payload >= 1,
+            "decode.max_readings_per_payload must be at least 1".into(),
+        );
+        need(
+            d.max_fields_per_reading >= 1,
+            "decode.max_fields_per_reading must be at least 1".into(),
+        );
+        need(
+            d.max_key_bytes >= 1,
+            "decode.max_key_bytes must be at least 1".into(),
+        );
+        need(
+            d.max_text_bytes.as_u64() >= 1,
+            "decode.max_text_bytes must be at least 1".into(),
+        );
+        need(
+            self.queue.max_readings >= 1,
+            "queue.max_readings must be at least 1".into(),
+        );
+        need(
+            self.queue.max_bytes >= d.max_payload_bytes,
+            "queue.max_bytes must be at least decode.max_payload_bytes, or one large payload could never fit".into(),
+        );
+        need(
+            self.batch.max_readings >= 1,
+            "batch.max_readings must be at least 1".into(),
+        );
+        need(
+            self.batch.max_bytes.as_u64() >= 1024,
+            "batch.max_bytes must be at least \"1KiB\"".into(),
+        );
+        need(
+            !self.batch.linger.is_zero(),
+            "batch.linger must be more than 0 (for example \"200ms\")".into(),
+        );
+        let s = &self.sink;
+        need(
+            s.url.starts_with("http://") || s.url.starts_with("https://"),
+            format!("sink.url {:?} must start with http:// or https://", s.url),
+        );
+        if s.api == SinkApi::V2 {
+            need(
+                !s.bucket.is_empty(),
+                "sink.bucket must be set when sink.api = \"v2\"".into(),
+            );
+        } else {
+            need(
+                !s.database.is_empty(),
+                "sink.database must be set when sink.api = \"v1\"".into(),
+            );
+        }
+        need(
+            !s.timeout.is_zero(),
+            "sink.timeout must be more than 0 (for example \"10s\")".into(),
+        );
+        need(
+            s.max_in_flight >= 1,
+            "sink.max_in_flight must be at least 1".into(),
+        );
+        need(
+            s.max_attempts >= 1,
+            "sink.max_attempts must be at least 1 (1 means no retry)".into(),
+        );
+        need(
+            s.retry_initial <= s.retry_max,
+            "sink.retry_initial must not exceed sink.retry_max".into(),
+        );
+        need(
+            self.log
+                .level
+                .parse::<tracing_subscriber::filter::EnvFilter>()
+                .is_ok(),
+            format!(
+                "log.level {:?} is not a level or filter (try \"info\" or \"gateway=debug\")",
+                self.log.level
+            ),
+        );
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(errors))
+        }
+    }
+
+    /// The decoder's limits, from `[decode]`.
+    pub fn limits(&self) -> decode::Limits {
+        let d = &self.decode;
+        decode::Limits {
+            max_payload_bytes: d.max_payload_bytes.as_u64() as usize,
+            max_readings_per_payload: d.max_readings_per_payload,
+            max_fields_per_reading: d.max_fields_per_reading,
+            max_key_bytes: d.max_key_bytes,
+            max_text_bytes: d.max_text_bytes.as_u64() as usize,
+            timestamp_unit: d.timestamp_unit,
+            max_age_ns: duration_ns(d.max_age),
+            max_future_skew_ns: duration_ns(d.max_future_skew),
+            keep_integers: d.keep_integers,
+        }
+    }
+}
+
+fn duration_ns(d: Duration) -> i64 {
+    i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
+}
+
+fn read_secret(key: &'static str, path: &Path, inline: Secret) -> Result<Secret, ConfigError> {
+    if path.as_os_str().is_empty() {
+        return Ok(inline);
+    }
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::SecretFile {
+        key,
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(Secret::new(text.trim_end_matches(['\r', '\n'])))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::providers::Serialized;
+
+    #[test]
+    fn defaults_are_valid_and_documented() {
+        let c = Config::from_toml("").expect("the built-in defaults validate");
+        assert_eq!(c.mqtt.mode, MqttMode::Embedded);
+        assert_eq!(c.mqtt.listen, "0.0.0.0:1883".parse().expect("addr"));
+        assert_eq!(c.batch.max_readings, 5000);
+        assert_eq!(c.batch.linger, Duration::from_millis(200));
+        assert_eq!(c.decode.max_payload_bytes, ByteSize::kib(256));
+        assert_eq!(c.admin.listen, "127.0.0.1:9184".parse().expect("addr"));
+    }
+
+    #[test]
+    fn env_overrides_every_section() {
+        let layered = Serialized::defaults(serde_json::json!({
+            "mqtt": {"listen": "127.0.0.1:11883"},
+            "sink": {"url": "http://127.0.0.1:9999", "token": 12345},
+            "batch": {"linger": "50ms", "max_bytes": "1MiB"},
+        }));
+        let c = Config::load_from(None, layered).expect("valid");
+        assert_eq!(c.mqtt.listen.port(), 11883);
+        assert_eq!(c.sink.url, "http://127.0.0.1:9999");
+        assert_eq!(c.sink.token.expose(), "12345", "numeric secrets stay text");
+        assert_eq!(c.batch.linger, Duration::from_millis(50));
+        assert_eq!(c.batch.max_bytes, ByteSize::mib(1));
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's closure signature, not ours
+    fn environment_variable_names_map_to_keys() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("GATEWAY_MQTT__LISTEN", "127.0.0.1:1999");
+            jail.set_env("GATEWAY_SINK__API", "v1");
+            jail.set_env("GATEWAY_DECODE__MAX_AGE", "1h");
+            let c = Config::load(None).expect("valid");
+            assert_eq!(c.mqtt.listen.port(), 1999);
+            assert_eq!(c.sink.api, SinkApi::V1);
+            assert_eq!(c.decode.max_age, Duration::from_secs(3600));
+            jail.set_env("GATEWAY_SINK__TOKN", "x");
+            let err = Config::load(None).expect_err("typo is refused").to_string();
+            assert!(err.contains("tokn"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn validation_names_key_and_fix() {
+        let err = Config::from_toml(
+            "[batch]\nmax_readings = 0\n[sink]\nurl = \"localhost:8086\"\n[mqtt]\ntopic = \"telemetry/{device}\"",
+        )
+        .expect_err("invalid")
+        .to_string();
+        assert!(
+            err.contains("batch.max_readings must be at least 1"),
+            "{err}"
+        );
+        assert!(
+            err.contains("sink.url \"localhost:8086\" must start with http://"),
+            "{err}"
+        );
+        assert!(err.contains("mqtt.topic"), "{err}");
+        let err = Config::from_toml("[queue]\nmax_bytes = \"lots\"")
+            .expect_err("bad size")
+            .to_string();
+        assert!(err.contains("max_bytes"), "{err}");
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug() {
+        let c = Config::from_toml("[sink]\ntoken = \"s3cr3t-token\"\npassword = \"hunter2\"")
+            .expect("valid");
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("s3cr3t-token") && !shown.contains("hunter2"),
+            "{shown}"
+        );
+        assert!(shown.contains("<redacted>"));
+    }
+
+    #[test]
+    fn secrets_from_files() {
+        let dir = std::env::temp_dir().join(format!("gw-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("tmp dir");
+        let path = dir.join("token");
+        std::fs::write(&path, "from-file\n").expect("write");
+        let layered = Serialized::defaults(serde_json::json!({"sink": {"token_file": path}}));
+        let c = Config::load_from(None, layered).expect("valid");
+        assert_eq!(c.sink.token.expose(), "from-file");
+        let missing =
+            Serialized::defaults(serde_json::json!({"sink": {"password_file": dir.join("nope")}}));
+        let err = Config::load_from(None, missing)
+            .expect_err("missing file")
+            .to_string();
+        assert!(err.starts_with("sink.password_file: cannot read"), "{err}");
+    }
+}

@@ -1,0 +1,115 @@
+//! Ingest: MQTT messages in, decoded chunks onto the queue.
+//!
+//! [`Intake`] is the part every ingest mode shares: count the message, decode it, count each
+//! rejection by reason, and push the accepted lines onto the bounded queue (waiting when full).
+
+pub mod embedded;
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use tracing::warn;
+
+use crate::decode::{DecodeError, Decoder};
+use crate::metrics::Metrics;
+use crate::queue::{Chunk, QueueError, QueueTx};
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// A listener address cannot be bound: change mqtt.listen / mqtt.listen_v5.
+    #[error("cannot listen on {addr} ({key}): {source}")]
+    Bind {
+        key: &'static str,
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    /// The embedded broker would not start or link; the message says why.
+    #[error("embedded broker: {0}")]
+    Broker(String),
+    /// The mode is configured but not built yet.
+    #[error("mqtt.mode = \"external\" is not available yet; use \"embedded\"")]
+    Unsupported,
+}
+
+/// Rejections logged per second at most; the counters keep the full count.
+const LOG_BUDGET_PER_SEC: u32 = 20;
+
+pub struct Intake {
+    decoder: Decoder,
+    queue: QueueTx,
+    metrics: Arc<Metrics>,
+    log_window: Instant,
+    logged: u32,
+}
+
+impl Intake {
+    pub fn new(decoder: Decoder, queue: QueueTx, metrics: Arc<Metrics>) -> Self {
+        Self {
+            decoder,
+            queue,
+            metrics,
+            log_window: Instant::now(),
+            logged: 0,
+        }
+    }
+
+    /// Handles one message. `Err` only when the queue has closed (shutdown).
+    pub async fn accept(
+        &mut self,
+        topic: &[u8],
+        payload: &[u8],
+        content_type: Option<&str>,
+    ) -> Result<(), QueueError> {
+        let received = Instant::now();
+        self.metrics.messages_received.inc();
+        let Ok(topic) = std::str::from_utf8(topic) else {
+            let e = DecodeError::BadTopic("topic is not UTF-8".into());
+            self.rejected(&e, "<not UTF-8>", true);
+            return Ok(());
+        };
+        let now_ns = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
+        // Line protocol is rarely more than twice the size of the payload it came from.
+        let mut lines = Vec::with_capacity(payload.len().min(1 << 20) * 2);
+        match self
+            .decoder
+            .decode(topic, payload, content_type, now_ns, &mut lines)
+        {
+            Ok(outcome) => {
+                for e in &outcome.rejected {
+                    self.rejected(e, topic, false);
+                }
+                if outcome.accepted > 0 {
+                    let chunk = Chunk {
+                        lines,
+                        readings: outcome.accepted,
+                        received,
+                    };
+                    self.queue.push(chunk).await?;
+                }
+            }
+            Err(e) => self.rejected(&e, topic, true),
+        }
+        Ok(())
+    }
+
+    fn rejected(&mut self, e: &DecodeError, topic: &str, whole: bool) {
+        self.metrics.reject(e.reason(), whole);
+        if self.log_window.elapsed().as_secs() >= 1 {
+            if self.logged > LOG_BUDGET_PER_SEC {
+                warn!(
+                    suppressed = self.logged - LOG_BUDGET_PER_SEC,
+                    "more rejections than logged; gateway_readings_rejected_total has them all"
+                );
+            }
+            self.log_window = Instant::now();
+            self.logged = 0;
+        }
+        self.logged += 1;
+        if self.logged <= LOG_BUDGET_PER_SEC {
+            let topic: String = topic.chars().take(128).collect();
+            warn!(reason = e.reason(), %topic, whole_message = whole, "rejected: {e}");
+        }
+    }
+}

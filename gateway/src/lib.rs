@@ -1,0 +1,129 @@
+//! Telemetry gateway: MQTT in, InfluxDB line protocol out, nothing dropped silently.
+//!
+//! The stages, in the order data flows through them:
+//!
+//! 1. [`ingest`]: MQTT messages from the embedded broker (rumqttd).
+//! 2. [`decode`]: CBOR or JSON payload → readings → [`line_protocol`] lines, each bad reading
+//!    refused with a reason.
+//! 3. [`queue`]: bounded in readings and bytes; a full queue makes ingest wait.
+//! 4. [`batch`]: lines → batches by size or linger, a bounded number in flight.
+//! 5. [`deliver`] and [`sink`]: write to InfluxDB, [`retry`] what is worth retrying, account
+//!    for every reading in [`metrics`], served by [`admin`].
+//!
+//! [`run`] wires them together; the binary and the tests both call it.
+
+pub mod admin;
+pub mod batch;
+pub mod config;
+pub mod decode;
+pub mod deliver;
+pub mod ingest;
+pub mod line_protocol;
+pub mod metrics;
+pub mod queue;
+pub mod retry;
+pub mod sink;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use config::{Config, MqttMode};
+use metrics::{Ledger, Metrics};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Start-up failed; nothing was accepted. Fix the named setting and start again.
+    #[error(transparent)]
+    Ingest(#[from] ingest::IngestError),
+    #[error(transparent)]
+    Admin(#[from] admin::AdminError),
+    #[error(transparent)]
+    Sink(#[from] sink::BuildError),
+    #[error("mqtt.topic: {0}")]
+    Topic(#[from] decode::topic::PatternError),
+}
+
+/// Runs the gateway until `shutdown` completes, then stops taking input, flushes what it
+/// holds (for at most `shutdown.timeout`) and reports the ledger.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<Ledger, RunError> {
+    let metrics = Arc::new(Metrics::new());
+    let pattern = decode::TopicPattern::parse(&config.mqtt.topic)?;
+    let sink = sink::Sink::new(&config.sink)?;
+    let s = &config.sink;
+    let deliverer = Arc::new(deliver::Deliverer::new(
+        sink,
+        metrics.clone(),
+        retry::Backoff {
+            initial: s.retry_initial,
+            max: s.retry_max,
+        },
+        s.max_attempts,
+        s.gzip,
+    ));
+    // Nothing has failed yet: the sink counts as reachable until a write says otherwise.
+    metrics.sink_up.set(1);
+
+    let admin_stop = CancellationToken::new();
+    let admin = admin::serve(config.admin.listen, metrics.clone(), admin_stop.clone()).await?;
+
+    let (queue_tx, queue_rx) = queue::bounded(
+        config.queue.max_readings,
+        config.queue.max_bytes.as_u64() as usize,
+        metrics.clone(),
+    );
+    let limits = batch::BatchLimits {
+        max_readings: config.batch.max_readings,
+        max_bytes: config.batch.max_bytes.as_u64() as usize,
+        linger: config.batch.linger,
+        max_in_flight: s.max_in_flight,
+    };
+    let batcher = tokio::spawn(batch::run(queue_rx, limits, deliverer.clone()));
+
+    let intake = ingest::Intake::new(
+        decode::Decoder::new(config.limits(), pattern),
+        queue_tx,
+        metrics.clone(),
+    );
+    let ingest_stop = CancellationToken::new();
+    let mut ingest = match config.mqtt.mode {
+        MqttMode::Embedded => {
+            let embedded = ingest::embedded::start(&config)?;
+            tokio::spawn(embedded.run(intake, metrics.clone(), ingest_stop.clone()))
+        }
+        MqttMode::External => return Err(ingest::IngestError::Unsupported.into()),
+    };
+    info!(sink = %s.url, api = ?s.api, admin = %config.admin.listen, "gateway running");
+
+    tokio::select! {
+        _ = shutdown => info!("shutdown requested: no more input, flushing what is held"),
+        _ = &mut ingest => error!("ingest stopped on its own; flushing what is held"),
+    }
+    ingest_stop.cancel();
+    // Ingest owns the only queue sender: once it is gone the batcher drains and returns.
+    let _ = ingest.await;
+    let mut batcher = batcher;
+    if tokio::time::timeout(config.shutdown.timeout, &mut batcher)
+        .await
+        .is_err()
+    {
+        warn!(timeout = ?config.shutdown.timeout, "flush is taking too long; retries stop now");
+        deliverer.stop_retrying();
+        let _ = tokio::time::timeout(s.timeout * 2, &mut batcher).await;
+    }
+    let ledger = metrics.ledger();
+    let unwritten = ledger.failed + ledger.queued + ledger.in_flight;
+    if unwritten > 0 {
+        error!(
+            ?ledger,
+            unwritten, "stopped with readings NOT written to the sink"
+        );
+    } else {
+        info!(?ledger, "stopped: every accepted reading was written");
+    }
+    admin_stop.cancel();
+    let _ = admin.await;
+    Ok(ledger)
+}

@@ -1,0 +1,244 @@
+//! Self-metrics (CONTRACT §4 names) and the ledger they prove.
+//!
+//! Ledger: `readings accepted = written + given up + queued + in flight`, at every instant a
+//! scrape can see (each reading moves between the right-hand terms with one counter step in the
+//! same task that moves it). "Given up" is a batch whose bounded retries ran out or that the
+//! sink refused; until the dead-letter queue exists each such reading is logged with the
+//! sink's reason and counted in `gateway_sink_readings_failed_total{class}`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Outcome {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Class {
+    pub class: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub messages_received: Counter,
+    pub messages_rejected: Family<Reason, Counter>,
+    pub readings_accepted: Counter,
+    pub readings_rejected: Family<Reason, Counter>,
+    pub queue_readings: Gauge,
+    pub queue_bytes: Gauge,
+    pub queue_capacity_readings: Gauge,
+    pub queue_capacity_bytes: Gauge,
+    pub readings_in_flight: Gauge,
+    pub batch_readings: Histogram,
+    pub sink_readings_written: Counter,
+    pub sink_readings_failed: Family<Class, Counter>,
+    pub sink_requests: Family<Outcome, Counter>,
+    pub sink_retries: Counter,
+    pub sink_request_duration: Histogram,
+    pub sink_up: Gauge,
+    pub end_to_end_lag: Histogram,
+    pub broker_dropped: Counter,
+    pub broker_alerts: Counter,
+    pub ingest_up: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let m = Self {
+            messages_received: Counter::default(),
+            messages_rejected: Family::default(),
+            readings_accepted: Counter::default(),
+            readings_rejected: Family::default(),
+            queue_readings: Gauge::default(),
+            queue_bytes: Gauge::default(),
+            queue_capacity_readings: Gauge::default(),
+            queue_capacity_bytes: Gauge::default(),
+            readings_in_flight: Gauge::default(),
+            batch_readings: Histogram::new(exponential_buckets(1.0, 4.0, 9)),
+            sink_readings_written: Counter::default(),
+            sink_readings_failed: Family::default(),
+            sink_requests: Family::default(),
+            sink_retries: Counter::default(),
+            sink_request_duration: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            sink_up: Gauge::default(),
+            end_to_end_lag: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
+            broker_dropped: Counter::default(),
+            broker_alerts: Counter::default(),
+            ingest_up: Gauge::default(),
+            registry: Registry::default(),
+        };
+        let r = &mut registry;
+        r.register(
+            "gateway_messages_received",
+            "MQTT messages taken from the broker",
+            m.messages_received.clone(),
+        );
+        r.register(
+            "gateway_messages_rejected",
+            "Messages refused whole, by reason",
+            m.messages_rejected.clone(),
+        );
+        r.register(
+            "gateway_readings_accepted",
+            "Readings decoded and queued for the sink",
+            m.readings_accepted.clone(),
+        );
+        r.register(
+            "gateway_readings_rejected",
+            "Readings refused at input, by reason (an unreadable payload counts as one)",
+            m.readings_rejected.clone(),
+        );
+        r.register(
+            "gateway_queue_readings",
+            "Readings waiting in the queue",
+            m.queue_readings.clone(),
+        );
+        r.register(
+            "gateway_queue_bytes",
+            "Line-protocol bytes waiting in the queue",
+            m.queue_bytes.clone(),
+        );
+        r.register(
+            "gateway_queue_capacity_readings",
+            "Queue capacity in readings",
+            m.queue_capacity_readings.clone(),
+        );
+        r.register(
+            "gateway_queue_capacity_bytes",
+            "Queue capacity in bytes",
+            m.queue_capacity_bytes.clone(),
+        );
+        r.register(
+            "gateway_readings_in_flight",
+            "Readings taken from the queue whose write has not finished",
+            m.readings_in_flight.clone(),
+        );
+        r.register(
+            "gateway_batch_readings",
+            "Readings per batch sent to the sink",
+            m.batch_readings.clone(),
+        );
+        r.register(
+            "gateway_sink_readings_written",
+            "Readings the sink acknowledged",
+            m.sink_readings_written.clone(),
+        );
+        r.register(
+            "gateway_sink_readings_failed",
+            "Readings given up on after the sink refused them or retries ran out, by class",
+            m.sink_readings_failed.clone(),
+        );
+        r.register(
+            "gateway_sink_requests",
+            "Write requests by outcome",
+            m.sink_requests.clone(),
+        );
+        r.register(
+            "gateway_sink_retries",
+            "Write requests that were retries",
+            m.sink_retries.clone(),
+        );
+        r.register(
+            "gateway_sink_request_duration_seconds",
+            "Duration of one write request",
+            m.sink_request_duration.clone(),
+        );
+        r.register(
+            "gateway_sink_up",
+            "1 when the sink's last answer was a success",
+            m.sink_up.clone(),
+        );
+        r.register(
+            "gateway_end_to_end_lag_seconds",
+            "From a message's receive time to the sink's acknowledgement, per message",
+            m.end_to_end_lag.clone(),
+        );
+        r.register(
+            "gateway_broker_dropped",
+            "Messages the embedded broker lost before the gateway read them (cursor jumps)",
+            m.broker_dropped.clone(),
+        );
+        r.register(
+            "gateway_broker_alerts",
+            "Alerts the embedded broker raised",
+            m.broker_alerts.clone(),
+        );
+        r.register(
+            "gateway_ingest_up",
+            "1 while MQTT ingest is running",
+            m.ingest_up.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    /// Counts one rejection; `whole` when the entire message was refused.
+    pub fn reject(&self, reason: &'static str, whole: bool) {
+        self.readings_rejected
+            .get_or_create(&Reason { reason })
+            .inc();
+        if whole {
+            self.messages_rejected
+                .get_or_create(&Reason { reason })
+                .inc();
+        }
+    }
+
+    /// Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// The ledger's terms, for logs and the shutdown report.
+    pub fn ledger(&self) -> Ledger {
+        let failed = ["refused", "rejected", "retries_exhausted"]
+            .iter()
+            .map(|class| {
+                self.sink_readings_failed
+                    .get_or_create(&Class { class })
+                    .get()
+            })
+            .sum();
+        Ledger {
+            accepted: self.readings_accepted.get(),
+            written: self.sink_readings_written.get(),
+            failed,
+            queued: self.queue_readings.get().max(0) as u64,
+            in_flight: self.readings_in_flight.get().max(0) as u64,
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ledger {
+    pub accepted: u64,
+    pub written: u64,
+    pub failed: u64,
+    pub queued: u64,
+    pub in_flight: u64,
+}
+
+impl Ledger {
+    pub fn balanced(&self) -> bool {
+        self.accepted == self.written + self.failed + self.queued + self.in_flight
+    }
+}

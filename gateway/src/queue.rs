@@ -1,0 +1,196 @@
+//! The bounded queue between decoding and the sink writers, counted in readings and bytes.
+//!
+//! When it is full, [`QueueTx::push`] waits: ingest stops pulling from the broker until the
+//! writers make room. Nothing is dropped here. (Spilling to disk instead of waiting is a later
+//! stage's decision, made explicit by its own type.)
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::{mpsc, Semaphore};
+
+use crate::metrics::Metrics;
+
+/// The lines decoded from one MQTT message.
+#[derive(Debug)]
+pub struct Chunk {
+    /// Line protocol, one line per reading, each ending in `\n`.
+    pub lines: Vec<u8>,
+    pub readings: u32,
+    /// When the gateway took the message from the broker: the start of end-to-end lag.
+    pub received: Instant,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// The consumer is gone (shutdown); the chunk comes back so the caller can account for it.
+    #[error("queue closed")]
+    Closed(Chunk),
+}
+
+struct Capacity {
+    readings: Arc<Semaphore>,
+    bytes: Arc<Semaphore>,
+    max_readings: u32,
+    max_bytes: u32,
+}
+
+/// Creates a queue holding at most `max_readings` readings and `max_bytes` bytes.
+pub fn bounded(max_readings: usize, max_bytes: usize, metrics: Arc<Metrics>) -> (QueueTx, QueueRx) {
+    // Semaphores count in u32; a queue bigger than 4 Gi readings or 4 GiB is not a bound.
+    let max_readings = u32::try_from(max_readings).unwrap_or(u32::MAX);
+    let max_bytes = u32::try_from(max_bytes).unwrap_or(u32::MAX);
+    metrics.queue_capacity_readings.set(i64::from(max_readings));
+    metrics.queue_capacity_bytes.set(i64::from(max_bytes));
+    let capacity = Arc::new(Capacity {
+        readings: Arc::new(Semaphore::new(max_readings as usize)),
+        bytes: Arc::new(Semaphore::new(max_bytes as usize)),
+        max_readings,
+        max_bytes,
+    });
+    // Every chunk holds at least one reading, so the reading permits bound this channel too.
+    let (tx, rx) = mpsc::channel(max_readings.clamp(1, 1 << 20) as usize);
+    (
+        QueueTx {
+            tx,
+            capacity: capacity.clone(),
+            metrics: metrics.clone(),
+        },
+        QueueRx {
+            rx,
+            capacity,
+            metrics,
+        },
+    )
+}
+
+#[derive(Clone)]
+pub struct QueueTx {
+    tx: mpsc::Sender<Chunk>,
+    capacity: Arc<Capacity>,
+    metrics: Arc<Metrics>,
+}
+
+impl QueueTx {
+    /// Waits for room, then enqueues. A chunk bigger than the whole queue waits for an empty
+    /// queue rather than forever.
+    pub async fn push(&self, chunk: Chunk) -> Result<(), QueueError> {
+        let (readings, bytes) = self.capacity.cost(&chunk);
+        let Ok(r) = self.capacity.readings.acquire_many(readings).await else {
+            return Err(QueueError::Closed(chunk));
+        };
+        let Ok(b) = self.capacity.bytes.acquire_many(bytes).await else {
+            return Err(QueueError::Closed(chunk));
+        };
+        let (n, len) = (chunk.readings, chunk.lines.len());
+        match self.tx.send(chunk).await {
+            Ok(()) => {
+                // The consumer gives the permits back when it takes the chunk.
+                r.forget();
+                b.forget();
+                self.metrics.readings_accepted.inc_by(u64::from(n));
+                self.metrics.queue_readings.inc_by(i64::from(n));
+                self.metrics.queue_bytes.inc_by(len as i64);
+                Ok(())
+            }
+            Err(mpsc::error::SendError(chunk)) => Err(QueueError::Closed(chunk)),
+        }
+    }
+}
+
+pub struct QueueRx {
+    rx: mpsc::Receiver<Chunk>,
+    capacity: Arc<Capacity>,
+    metrics: Arc<Metrics>,
+}
+
+impl QueueRx {
+    /// The next chunk, or `None` once every sender is gone and the queue is empty.
+    pub async fn recv(&mut self) -> Option<Chunk> {
+        let chunk = self.rx.recv().await?;
+        self.taken(&chunk);
+        Some(chunk)
+    }
+
+    fn taken(&self, chunk: &Chunk) {
+        let (readings, bytes) = self.capacity.cost(chunk);
+        self.capacity.readings.add_permits(readings as usize);
+        self.capacity.bytes.add_permits(bytes as usize);
+        // Leaving the queue and entering flight is one step of the ledger.
+        self.metrics
+            .queue_readings
+            .dec_by(i64::from(chunk.readings));
+        self.metrics.queue_bytes.dec_by(chunk.lines.len() as i64);
+        self.metrics
+            .readings_in_flight
+            .inc_by(i64::from(chunk.readings));
+    }
+}
+
+impl Capacity {
+    fn cost(&self, chunk: &Chunk) -> (u32, u32) {
+        let bytes = u32::try_from(chunk.lines.len()).unwrap_or(u32::MAX);
+        (
+            chunk.readings.clamp(1, self.max_readings),
+            bytes.clamp(1, self.max_bytes),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn chunk(readings: u32, bytes: usize) -> Chunk {
+        Chunk {
+            lines: vec![b'x'; bytes],
+            readings,
+            received: Instant::now(),
+        }
+    }
+
+    #[tokio::test]
+    async fn push_waits_when_full_and_resumes_when_drained() {
+        let metrics = Arc::new(Metrics::new());
+        let (tx, mut rx) = bounded(10, 1000, metrics.clone());
+        tx.push(chunk(6, 10)).await.expect("fits");
+        tx.push(chunk(4, 10)).await.expect("fits");
+        assert_eq!(metrics.queue_readings.get(), 10);
+        let blocked = tokio::time::timeout(Duration::from_millis(50), tx.push(chunk(1, 1))).await;
+        assert!(blocked.is_err(), "a full queue makes the producer wait");
+        let first = rx.recv().await.expect("chunk");
+        assert_eq!(first.readings, 6);
+        tokio::time::timeout(Duration::from_secs(1), tx.push(chunk(1, 1)))
+            .await
+            .expect("room again")
+            .expect("open");
+        assert_eq!(metrics.queue_readings.get(), 5);
+        assert_eq!(metrics.readings_in_flight.get(), 6);
+        assert_eq!(metrics.readings_accepted.get(), 11);
+    }
+
+    #[tokio::test]
+    async fn bytes_bound_too_and_oversized_chunks_still_pass_alone() {
+        let metrics = Arc::new(Metrics::new());
+        let (tx, mut rx) = bounded(1000, 100, metrics.clone());
+        tx.push(chunk(1, 500))
+            .await
+            .expect("an oversized chunk enters an empty queue");
+        let blocked = tokio::time::timeout(Duration::from_millis(50), tx.push(chunk(1, 1))).await;
+        assert!(blocked.is_err(), "the byte bound holds");
+        rx.recv().await.expect("chunk");
+        tx.push(chunk(1, 1)).await.expect("room again");
+    }
+
+    #[tokio::test]
+    async fn closed_queue_hands_the_chunk_back() {
+        let metrics = Arc::new(Metrics::new());
+        let (tx, rx) = bounded(10, 100, metrics);
+        drop(rx);
+        match tx.push(chunk(3, 5)).await {
+            Err(QueueError::Closed(c)) => assert_eq!(c.readings, 3),
+            Ok(()) => panic!("push into a closed queue must fail"),
+        }
+    }
+}
