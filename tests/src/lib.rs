@@ -1,1 +1,473 @@
+//! End-to-end harness: real servers on free loopback ports, the real gateway binary, real MQTT
+//! clients. A server that is not installed fails the test with the command that installs it.
 
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+pub const INSTALL: &str =
+    "sudo apt-get install -y --no-install-recommends victoria-metrics influxdb mosquitto \
+     (or run ./scripts/test.sh, which installs them)";
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("the loopback interface has free ports")
+}
+
+fn require(binary: &str) -> PathBuf {
+    for dir in ["/usr/bin", "/usr/sbin", "/usr/local/bin"] {
+        let path = PathBuf::from(dir).join(binary);
+        if path.exists() {
+            return path;
+        }
+    }
+    panic!("{binary} is not installed; install it with: {INSTALL}");
+}
+
+/// Waits until `check` succeeds or `timeout` passes.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let start = Instant::now();
+    let mut last = None;
+    while start.elapsed() < timeout {
+        match check().await {
+            Ok(v) => return v,
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{what}: not within {timeout:?}; last error: {last:?}");
+}
+
+/// A child process killed when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub name: &'static str,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// VictoriaMetrics: takes InfluxDB v2 writes, is read back with `/api/v1/export`.
+pub struct VictoriaMetrics {
+    pub url: String,
+    _proc: Proc,
+    _dir: tempfile::TempDir,
+}
+
+impl VictoriaMetrics {
+    pub async fn start() -> Self {
+        let bin = require("victoria-metrics");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = free_port();
+        let child = Command::new(bin)
+            .arg(format!("-httpListenAddr=127.0.0.1:{port}"))
+            .arg(format!("-storageDataPath={}", dir.path().display()))
+            .arg("-retentionPeriod=100y")
+            .arg("-search.latencyOffset=0s")
+            .arg("-search.disableCache")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("victoria-metrics starts");
+        let url = format!("http://127.0.0.1:{port}");
+        let vm = Self {
+            url,
+            _proc: Proc {
+                child,
+                name: "victoria-metrics",
+            },
+            _dir: dir,
+        };
+        let health = format!("{}/health", vm.url);
+        eventually(
+            Duration::from_secs(20),
+            "victoria-metrics ready",
+            || async {
+                http().get(&health).send().await?.error_for_status()?;
+                Ok(())
+            },
+        )
+        .await;
+        vm
+    }
+
+    /// Every series matching `selector`, flushed first so recent writes are visible.
+    pub async fn export(&self, selector: &str) -> Result<Vec<VmSeries>> {
+        http()
+            .post(format!("{}/internal/force_flush", self.url))
+            .send()
+            .await?;
+        let text = http()
+            .get(format!("{}/api/v1/export", self.url))
+            .query(&[("match[]", selector), ("start", "0")])
+            .send()
+            .await?
+            .error_for_status()?
+            .text()
+            .await?;
+        text.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).with_context(|| format!("export line {l}")))
+            .collect()
+    }
+
+    /// Number of samples matching `selector`.
+    pub async fn count(&self, selector: &str) -> Result<usize> {
+        Ok(self
+            .export(selector)
+            .await?
+            .iter()
+            .map(|s| s.timestamps.len())
+            .sum())
+    }
+}
+
+#[derive(Debug, serde::Deserialize)]
+pub struct VmSeries {
+    pub metric: HashMap<String, String>,
+    pub values: Vec<f64>,
+    pub timestamps: Vec<i64>,
+}
+
+/// InfluxDB 1.6: the v1 write API with real 400s, read back with InfluxQL.
+pub struct Influx1 {
+    pub url: String,
+    _proc: Proc,
+    _dir: tempfile::TempDir,
+}
+
+impl Influx1 {
+    pub async fn start(database: &str) -> Self {
+        let bin = require("influxd");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (http_port, rpc_port) = (free_port(), free_port());
+        let d = dir.path().display();
+        let config = format!(
+            "reporting-disabled = true\nbind-address = \"127.0.0.1:{rpc_port}\"\n\
+             [meta]\n dir = \"{d}/meta\"\n logging-enabled = false\n\
+             [data]\n dir = \"{d}/data\"\n wal-dir = \"{d}/wal\"\n query-log-enabled = false\n\
+             [monitor]\n store-enabled = false\n\
+             [http]\n bind-address = \"127.0.0.1:{http_port}\"\n log-enabled = false\n\
+             [continuous_queries]\n enabled = false\n\
+             [logging]\n level = \"warn\"\n"
+        );
+        let config_path = dir.path().join("influxdb.conf");
+        std::fs::write(&config_path, config).expect("write influxdb.conf");
+        let child = Command::new(bin)
+            .arg("-config")
+            .arg(&config_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("influxd starts");
+        let url = format!("http://127.0.0.1:{http_port}");
+        let influx = Self {
+            url,
+            _proc: Proc {
+                child,
+                name: "influxd",
+            },
+            _dir: dir,
+        };
+        let ping = format!("{}/ping", influx.url);
+        eventually(Duration::from_secs(30), "influxd ready", || async {
+            http().get(&ping).send().await?.error_for_status()?;
+            Ok(())
+        })
+        .await;
+        influx
+            .query("", &format!("CREATE DATABASE \"{database}\""))
+            .await
+            .expect("create database");
+        influx
+    }
+
+    /// Runs InfluxQL; timestamps come back as integer nanoseconds.
+    pub async fn query(&self, db: &str, q: &str) -> Result<serde_json::Value> {
+        let response = http()
+            .post(format!("{}/query", self.url))
+            .query(&[("db", db), ("epoch", "ns")])
+            .form(&[("q", q)])
+            .send()
+            .await?;
+        let status = response.status();
+        let body: serde_json::Value = response.json().await?;
+        if !status.is_success() || body.pointer("/results/0/error").is_some() {
+            bail!("query {q:?} failed: {status} {body}");
+        }
+        Ok(body)
+    }
+}
+
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("http client")
+}
+
+/// The gateway binary built next to this test binary.
+pub fn gateway_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/<profile>/deps/<test> → target/<profile>/gateway
+    let profile_dir = exe.parent().and_then(|p| p.parent()).expect("target dir");
+    let bin = profile_dir.join("gateway");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first with `cargo build -p gateway` (./scripts/test.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A gateway process on free ports, configured through environment overrides.
+pub struct Gateway {
+    pub proc: Proc,
+    pub mqtt_port: u16,
+    pub mqtt5_port: u16,
+    pub admin: String,
+    pub log: PathBuf,
+    pub dir: tempfile::TempDir,
+}
+
+impl Gateway {
+    /// Starts with `env` on top of loopback listeners; waits for /healthz.
+    pub async fn start(env: &[(&str, String)]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (mqtt_port, mqtt5_port, admin_port) = (free_port(), free_port(), free_port());
+        let log = dir.path().join("gateway.log");
+        let log_file = std::fs::File::create(&log).expect("log file");
+        let mut cmd = Command::new(gateway_binary());
+        cmd.arg("run")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("GATEWAY_MQTT__LISTEN", format!("127.0.0.1:{mqtt_port}"))
+            .env("GATEWAY_MQTT__LISTEN_V5", format!("127.0.0.1:{mqtt5_port}"))
+            .env("GATEWAY_ADMIN__LISTEN", format!("127.0.0.1:{admin_port}"))
+            .env("GATEWAY_DLQ__DIR", dir.path().join("dlq"))
+            .env("GATEWAY_LOG__FORMAT", "json")
+            .env("GATEWAY_SHUTDOWN__TIMEOUT", "20s")
+            .stdout(Stdio::null())
+            .stderr(log_file);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("gateway starts");
+        let gw = Self {
+            proc: Proc {
+                child,
+                name: "gateway",
+            },
+            mqtt_port,
+            mqtt5_port,
+            admin: format!("http://127.0.0.1:{admin_port}"),
+            log,
+            dir,
+        };
+        let health = format!("{}/healthz", gw.admin);
+        let log_path = gw.log.clone();
+        eventually(Duration::from_secs(20), "gateway /healthz", || async {
+            http().get(&health).send().await?.error_for_status()?;
+            Ok(())
+        })
+        .await;
+        // The broker's listeners start on their own threads: wait for both ports.
+        for port in [mqtt_port, mqtt5_port] {
+            eventually(Duration::from_secs(10), "MQTT listener", || async {
+                tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+                Ok(())
+            })
+            .await;
+        }
+        let _ = log_path;
+        gw
+    }
+
+    /// The gateway's metrics: `name{labels}` → value.
+    pub async fn metrics(&self) -> Result<HashMap<String, f64>> {
+        let text = http()
+            .get(format!("{}/metrics", self.admin))
+            .send()
+            .await?
+            .text()
+            .await?;
+        Ok(parse_metrics(&text))
+    }
+
+    pub async fn metric(&self, name: &str) -> f64 {
+        self.metrics()
+            .await
+            .expect("metrics")
+            .get(name)
+            .copied()
+            .unwrap_or(0.0)
+    }
+
+    /// Waits until the ledger is balanced with nothing queued or in flight, and returns it.
+    pub async fn drained(&self) -> HashMap<String, f64> {
+        eventually(Duration::from_secs(60), "gateway drained", || async {
+            let m = self.metrics().await?;
+            let g = |k: &str| m.get(k).copied().unwrap_or(0.0);
+            if g("gateway_queue_readings") == 0.0 && g("gateway_readings_in_flight") == 0.0 {
+                Ok(m)
+            } else {
+                bail!(
+                    "queued {} in flight {}",
+                    g("gateway_queue_readings"),
+                    g("gateway_readings_in_flight")
+                )
+            }
+        })
+        .await
+    }
+
+    /// Sends SIGTERM and waits for the exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let pid = self.proc.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.proc.child.try_wait() {
+                return status;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "gateway did not exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// Parses Prometheus/OpenMetrics text into `name{labels}` → value (comments skipped).
+pub fn parse_metrics(text: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            Some((name.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Sum of a counter over all its label sets, e.g. every reason of readings_rejected.
+pub fn sum(metrics: &HashMap<String, f64>, name: &str) -> f64 {
+    metrics
+        .iter()
+        .filter(|(k, _)| *k == name || k.starts_with(&format!("{name}{{")))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+/// One MQTT message to publish.
+pub struct Message {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    /// MQTT 5 content type; `Some` publishes over the v5 listener.
+    pub content_type: Option<&'static str>,
+}
+
+/// Publishes `messages` at QoS 1 over MQTT 3.1.1 from one client and waits for every PUBACK.
+pub async fn publish_v4(port: u16, client_id: &str, messages: Vec<Message>) -> Result<()> {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_max_packet_size(4 << 20, 4 << 20);
+    let (client, mut eventloop) = AsyncClient::new(opts, 64);
+    let total = messages.len();
+    let publisher = tokio::spawn(async move {
+        for m in messages {
+            client
+                .publish(m.topic, QoS::AtLeastOnce, false, m.payload)
+                .await?;
+        }
+        anyhow::Ok(client)
+    });
+    let mut acked = 0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while acked < total {
+        if Instant::now() > deadline {
+            bail!("{client_id}: {acked} of {total} acknowledged");
+        }
+        match tokio::time::timeout(Duration::from_secs(10), eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acked += 1,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => bail!("{client_id}: connection error after {acked} acks: {e}"),
+            Err(_) => bail!("{client_id}: no progress for 10 s after {acked} acks"),
+        }
+    }
+    let client = publisher.await??;
+    let _ = client.disconnect().await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
+    Ok(())
+}
+
+/// Publishes over MQTT 5 with each message's content type, QoS 1, waiting for every PUBACK.
+pub async fn publish_v5(port: u16, client_id: &str, messages: Vec<Message>) -> Result<()> {
+    use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+    let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(30));
+    let (client, mut eventloop) = AsyncClient::new(opts, 64);
+    let total = messages.len();
+    let publisher = tokio::spawn(async move {
+        for m in messages {
+            let props = PublishProperties {
+                content_type: m.content_type.map(str::to_owned),
+                ..Default::default()
+            };
+            client
+                .publish_with_properties(m.topic, QoS::AtLeastOnce, false, m.payload, props)
+                .await?;
+        }
+        anyhow::Ok(client)
+    });
+    let mut acked = 0;
+    while acked < total {
+        match tokio::time::timeout(Duration::from_secs(10), eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acked += 1,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => bail!("{client_id}: connection error after {acked} acks: {e}"),
+            Err(_) => bail!("{client_id}: no progress for 10 s after {acked} acks"),
+        }
+    }
+    let client = publisher.await??;
+    let _ = client.disconnect().await;
+    Ok(())
+}
+
+pub fn cbor(value: &ciborium::Value) -> Vec<u8> {
+    let mut out = Vec::new();
+    ciborium::into_writer(value, &mut out).expect("CBOR encodes");
+    out
+}
+
+/// Milliseconds since the epoch, an hour ago, so that a test's timestamps are recent but
+/// never in the future.
+pub fn base_ms() -> i64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as i64;
+    now - 3_600_000
+}

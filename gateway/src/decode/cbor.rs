@@ -193,7 +193,7 @@ impl Walker<'_, '_, '_, '_, '_> {
                             .builder
                             .check_text_len(self.builder.str(span).len(), limits)
                         {
-                            self.builder.add_field(key, Val::Text(span));
+                            self.builder.add_text_field(key, span);
                         }
                     } else {
                         self.skip_after(header, 3)?;

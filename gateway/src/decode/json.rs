@@ -68,7 +68,7 @@ fn reading(
                         Value::String(s) => {
                             if b.check_text_len(s.len(), limits) {
                                 let span = b.push_text(s);
-                                b.add_field(key, Val::Text(span));
+                                b.add_text_field(key, span);
                             }
                         }
                         Value::Array(_) | Value::Object(_) => b.nested(key),

@@ -66,8 +66,10 @@ pub enum DecodeError {
     DuplicateKey(String),
     #[error("text of {len} bytes exceeds decode.max_text_bytes ({max})")]
     TextTooLong { len: usize, max: usize },
-    #[error("control character in a key or tag value (line protocol cannot carry it)")]
+    #[error("control character in a key or tag value, or a line break in text (line protocol cannot carry them)")]
     ControlCharacter,
+    #[error("a backslash at the end of a key or tag value, or before a comma, equals sign, space or backslash, has no line-protocol spelling that every InfluxDB reads back")]
+    UnencodableBackslash,
     #[error("tag {0:?} has an empty value")]
     EmptyTagValue(String),
     #[error("value of {0:?} is nested (a map or array); fields and tags hold scalars only")]
@@ -114,6 +116,7 @@ impl DecodeError {
             DuplicateKey(_) => "duplicate_key",
             TextTooLong { .. } => "text_too_long",
             ControlCharacter => "control_character",
+            UnencodableBackslash => "unencodable_backslash",
             EmptyTagValue(_) => "empty_tag_value",
             NestedValue(_) => "nested_value",
             BadValue { .. } => "bad_value",
@@ -393,6 +396,8 @@ impl ReadingBuilder {
             })
         } else if k.chars().any(char::is_control) {
             Some(DecodeError::ControlCharacter)
+        } else if line_protocol::unencodable_backslash(k) {
+            Some(DecodeError::UnencodableBackslash)
         } else {
             None
         };
@@ -425,6 +430,8 @@ impl ReadingBuilder {
             self.fail(DecodeError::EmptyTagValue(k));
         } else if v.chars().any(char::is_control) {
             self.fail(DecodeError::ControlCharacter);
+        } else if line_protocol::unencodable_backslash(v) {
+            self.fail(DecodeError::UnencodableBackslash);
         } else {
             self.tags.push((key, value));
         }
@@ -473,6 +480,15 @@ impl ReadingBuilder {
             Number::Int(i) => Val::Float(i as f64),
         };
         self.fields.push((key, val));
+    }
+
+    /// A text field: line protocol has no way to carry a line break inside it.
+    pub fn add_text_field(&mut self, key: Span, text: Span) {
+        if self.str(text).contains(['\n', '\r']) {
+            self.fail(DecodeError::ControlCharacter);
+        } else {
+            self.fields.push((key, Val::Text(text)));
+        }
     }
 
     pub fn add_field(&mut self, key: Span, val: Val) {

@@ -254,6 +254,12 @@ fn every_reading_rule_has_its_reason() {
         ),
         (r#"{"fields": {"v": 1}, "tags": {"t": null}}"#, "bad_value"),
         (r#"{"fields": {"": 1}}"#, "empty_key"),
+        (r#"{"fields": {"s": "two\nlines"}}"#, "control_character"),
+        (
+            r#"{"fields": {"v": 1}, "tags": {"t": "end\\"}}"#,
+            "unencodable_backslash",
+        ),
+        (r#"{"fields": {"a\\ b": 1}}"#, "unencodable_backslash"),
         (r#"{"fields": {"v": 1}, "extra": 1}"#, "unknown_key"),
         (
             r#"{"fields": {"v": 1}, "tags": {"t": {"n": 1}}}"#,

@@ -101,9 +101,14 @@ fn broker_config(config: &Config) -> Result<rumqttd::Config, IngestError> {
         initialized_filters: None,
         shared_subscriptions_strategy: Default::default(),
     };
-    // MetricSettings' fields are private; its serde form is the way to build one.
-    let metrics = serde_json::from_value(serde_json::json!({"Alerts": {"push_interval": 1}}))
-        .map_err(|e| IngestError::Broker(format!("alert settings: {e}")))?;
+    // MetricSettings' fields are private; its serde form is the way to build one. rumqttd's
+    // timer unwraps both intervals whichever is configured, so meters get one too (nobody
+    // subscribes to them).
+    let metrics = serde_json::from_value(serde_json::json!({
+        "alerts": {"push_interval": 1},
+        "meters": {"push_interval": 3600},
+    }))
+    .map_err(|e| IngestError::Broker(format!("alert settings: {e}")))?;
     Ok(rumqttd::Config {
         id: 0,
         router,
