@@ -72,14 +72,7 @@ pub fn push_field(out: &mut Vec<u8>, first: bool, key: &str, value: FieldValue<'
     push_name(out, key);
     out.push(b'=');
     match value {
-        FieldValue::Float(v) => {
-            debug_assert!(
-                v.is_finite(),
-                "non-finite floats are refused by the decoder"
-            );
-            let mut buf = ryu::Buffer::new();
-            out.extend_from_slice(buf.format_finite(v).as_bytes());
-        }
+        FieldValue::Float(v) => push_float(out, v),
         FieldValue::Integer(v) => {
             let mut buf = itoa::Buffer::new();
             out.extend_from_slice(buf.format(v).as_bytes());
@@ -96,6 +89,23 @@ pub fn push_field(out: &mut Vec<u8>, first: bool, key: &str, value: FieldValue<'
             push_escaped(out, s, |b| matches!(b, b'"' | b'\\'));
             out.push(b'"');
         }
+    }
+}
+
+/// Writes a finite float. Whole numbers (counts, integer readings kept as floats) are common
+/// and take the integer formatter: line protocol reads `40` without a suffix as a float.
+fn push_float(out: &mut Vec<u8>, v: f64) {
+    debug_assert!(
+        v.is_finite(),
+        "non-finite floats are refused by the decoder"
+    );
+    // Exactly representable integers only, and not -0.0 (which must keep its sign).
+    if v.fract() == 0.0 && v.abs() < 9.0e15 && (v != 0.0 || v.is_sign_positive()) {
+        let mut buf = itoa::Buffer::new();
+        out.extend_from_slice(buf.format(v as i64).as_bytes());
+    } else {
+        let mut buf = ryu::Buffer::new();
+        out.extend_from_slice(buf.format_finite(v).as_bytes());
     }
 }
 
@@ -160,14 +170,9 @@ mod tests {
                 "a,b c",
                 &[],
                 &[("f", FieldValue::Float(1.0))],
-                "a\\,b\\ c f=1.0 1\n",
+                "a\\,b\\ c f=1 1\n",
             ),
-            (
-                "a=b",
-                &[],
-                &[("f", FieldValue::Float(1.0))],
-                "a=b f=1.0 1\n",
-            ),
+            ("a=b", &[], &[("f", FieldValue::Float(1.0))], "a=b f=1 1\n"),
             (
                 "m",
                 &[("k,=  ", "v,= ")],
@@ -221,7 +226,7 @@ mod tests {
                 "m",
                 &[("ü", "日本")],
                 &[("f", FieldValue::Float(2.0))],
-                "m,ü=日本 f=2.0 1\n",
+                "m,ü=日本 f=2 1\n",
             ),
         ];
         for (m, tags, fields, want) in cases {

@@ -481,9 +481,9 @@ async fn sigterm_during_load_writes_everything_accepted() {
     let logs = gw.logs();
     let last: serde_json::Value = logs
         .lines()
+        .rev()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v.pointer("/fields/ledger").is_some())
-        .last()
+        .find(|v| v.pointer("/fields/ledger").is_some())
         .expect("a ledger line at shutdown");
     let ledger = last
         .pointer("/fields/ledger")

@@ -10,10 +10,34 @@ use super::{
     settle, DecodeError, Number, Outcome, RawTs, ReadingBuilder, Span, Target, Val, MAX_DEPTH,
 };
 
-type Dec<'p> = Decoder<&'p [u8]>;
+type Dec<'p> = Decoder<Slice<'p>>;
 
-/// Text chunks are copied through this much stack at a time.
-const CHUNK: usize = 1024;
+/// The payload as ciborium's reader. Reading `&[u8]` through `std::io::Read` builds an
+/// `io::Error` for every short read; this reader's error is a unit, and the hot path is a
+/// bounds check and a copy.
+struct Slice<'p>(&'p [u8]);
+
+#[derive(Debug)]
+struct EndOfPayload;
+
+impl ciborium_io::Read for Slice<'_> {
+    type Error = EndOfPayload;
+
+    #[inline]
+    fn read_exact(&mut self, data: &mut [u8]) -> Result<(), EndOfPayload> {
+        if data.len() > self.0.len() {
+            return Err(EndOfPayload);
+        }
+        let (head, tail) = self.0.split_at(data.len());
+        data.copy_from_slice(head);
+        self.0 = tail;
+        Ok(())
+    }
+}
+
+/// Text up to this long is read in one copy through the stack; longer text streams through
+/// ciborium's segments in chunks of this size.
+const CHUNK: usize = 256;
 
 pub(crate) fn decode(
     payload: &[u8],
@@ -22,7 +46,7 @@ pub(crate) fn decode(
     out: &mut Vec<u8>,
     outcome: &mut Outcome,
 ) -> Result<(), DecodeError> {
-    let mut dec = Decoder::from(payload);
+    let mut dec = Decoder::from(Slice(payload));
     let mut w = Walker {
         dec: &mut dec,
         buf: [0; CHUNK],
@@ -111,6 +135,20 @@ impl Walker<'_, '_, '_, '_, '_> {
         let mut remaining = len;
         while self.next_entry(&mut remaining)? {
             let key = match self.pull()? {
+                // The three keys of a reading are short: compare them in place.
+                Header::Text(Some(n)) if n <= 8 => {
+                    self.read_exact(n)?;
+                    match &self.buf[..n] {
+                        b"fields" => Some(Part::Fields),
+                        b"tags" => Some(Part::Tags),
+                        b"ts" => Some(Part::Ts),
+                        other => {
+                            let other = String::from_utf8_lossy(other).into_owned();
+                            self.builder.fail(DecodeError::UnknownKey(other));
+                            None
+                        }
+                    }
+                }
                 Header::Text(len) => {
                     let span = self.text(len)?;
                     let mark = span.0;
@@ -340,9 +378,24 @@ impl Walker<'_, '_, '_, '_, '_> {
         }
     }
 
+    /// Reads the next `n` raw bytes into the chunk buffer (`n <= CHUNK`).
+    fn read_exact(&mut self, n: usize) -> Result<(), DecodeError> {
+        ciborium_io::Read::read_exact(self.dec, &mut self.buf[..n])
+            .map_err(|EndOfPayload| DecodeError::Truncated("CBOR item cut short".into()))
+    }
+
     /// Reads a text item whose header was just pulled into the builder's arena.
     fn text(&mut self, len: Option<usize>) -> Result<Span, DecodeError> {
         let start = self.builder.begin_text();
+        // Definite-length text that fits the chunk buffer, by far the common case, skips
+        // ciborium's segment machinery.
+        if let Some(n) = len.filter(|n| *n <= CHUNK) {
+            self.read_exact(n)?;
+            let s = std::str::from_utf8(&self.buf[..n])
+                .map_err(|_| DecodeError::MalformedCbor("text is not UTF-8".into()))?;
+            self.builder.text_mut().push_str(s);
+            return Ok(self.builder.end_text(start));
+        }
         let mut segments = self.dec.text(len);
         while let Some(mut segment) = segments.pull().map_err(ll_error)? {
             while let Some(chunk) = segment.pull(&mut self.buf).map_err(ll_error)? {
@@ -425,12 +478,11 @@ fn kind(header: &Header) -> &'static str {
     }
 }
 
-fn ll_error(e: ciborium_ll::Error<std::io::Error>) -> DecodeError {
+fn ll_error(e: ciborium_ll::Error<EndOfPayload>) -> DecodeError {
     match e {
-        ciborium_ll::Error::Io(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+        ciborium_ll::Error::Io(EndOfPayload) => {
             DecodeError::Truncated("CBOR item cut short".into())
         }
-        ciborium_ll::Error::Io(e) => DecodeError::MalformedCbor(e.to_string()),
         ciborium_ll::Error::Syntax(offset) => {
             DecodeError::MalformedCbor(format!("invalid item at byte {offset}"))
         }

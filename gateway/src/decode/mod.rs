@@ -547,14 +547,19 @@ impl ReadingBuilder {
         {
             return Err(DecodeError::DuplicateKey(text[w[0].0.range()].to_owned()));
         }
-        self.fields
-            .sort_unstable_by(|a, b| text[a.0.range()].cmp(&text[b.0.range()]));
-        if let Some(w) = self
-            .fields
-            .windows(2)
-            .find(|w| text[w[0].0.range()] == text[w[1].0.range()])
-        {
-            return Err(DecodeError::DuplicateKey(text[w[0].0.range()].to_owned()));
+        // Field order means nothing to the sink, so fields are only checked for duplicates:
+        // pairwise for the usual handful, by sorting when there are many.
+        let fields = &mut self.fields;
+        let key = |i: usize, f: &[(Span, Val)]| &text[f[i].0.range()];
+        let duplicate = if fields.len() <= 16 {
+            (0..fields.len())
+                .find(|&i| (i + 1..fields.len()).any(|j| key(i, fields) == key(j, fields)))
+        } else {
+            fields.sort_unstable_by(|a, b| text[a.0.range()].cmp(&text[b.0.range()]));
+            (1..fields.len()).find(|&i| key(i - 1, fields) == key(i, fields))
+        };
+        if let Some(i) = duplicate {
+            return Err(DecodeError::DuplicateKey(key(i, fields).to_owned()));
         }
 
         line_protocol::push_measurement(out, target.measurement);
