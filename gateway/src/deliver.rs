@@ -105,9 +105,10 @@ impl Deliverer {
                     tokio::time::sleep(wait).await;
                 }
                 Err(e) => {
-                    if matches!(e, SinkError::Retryable { .. } | SinkError::Refused { .. }) {
-                        self.metrics.sink_up.set(0);
-                    }
+                    // A 400 or 413 is the sink answering about the data: it is reachable.
+                    let reachable =
+                        matches!(e, SinkError::Rejected { .. } | SinkError::TooLarge { .. });
+                    self.metrics.sink_up.set(i64::from(reachable));
                     return Err(e);
                 }
             }

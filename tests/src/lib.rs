@@ -280,21 +280,22 @@ impl Gateway {
             dir,
         };
         let health = format!("{}/healthz", gw.admin);
-        let log_path = gw.log.clone();
         eventually(Duration::from_secs(20), "gateway /healthz", || async {
             http().get(&health).send().await?.error_for_status()?;
             Ok(())
         })
         .await;
-        // The broker's listeners start on their own threads: wait for both ports.
-        for port in [mqtt_port, mqtt5_port] {
-            eventually(Duration::from_secs(10), "MQTT listener", || async {
-                tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-                Ok(())
-            })
-            .await;
-        }
-        let _ = log_path;
+        // The broker's listeners start on their own threads: wait until each answers a real
+        // MQTT CONNECT. (A bare TCP probe that closes before CONNECT makes rumqttd 0.20 log
+        // "already gone" and can cut a device that connects at the same moment.)
+        eventually(Duration::from_secs(10), "MQTT 3.1.1 listener", || async {
+            publish_v4(mqtt_port, "probe-v4", Vec::new()).await
+        })
+        .await;
+        eventually(Duration::from_secs(10), "MQTT 5 listener", || async {
+            publish_v5(mqtt5_port, "probe-v5", Vec::new()).await
+        })
+        .await;
         gw
     }
 
@@ -358,6 +359,20 @@ impl Gateway {
     }
 }
 
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        // A failing test shows what the gateway said.
+        if std::thread::panicking() {
+            let logs = self.logs();
+            let tail: Vec<&str> = logs.lines().rev().take(40).collect();
+            eprintln!("--- last gateway log lines ---");
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
 /// Parses Prometheus/OpenMetrics text into `name{labels}` → value (comments skipped).
 pub fn parse_metrics(text: &str) -> HashMap<String, f64> {
     text.lines()
@@ -404,6 +419,15 @@ pub async fn publish_v4(port: u16, client_id: &str, messages: Vec<Message>) -> R
     });
     let mut acked = 0;
     let deadline = Instant::now() + Duration::from_secs(120);
+    // Wait for the CONNACK even when there is nothing to publish.
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => break,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => bail!("{client_id}: cannot connect: {e}"),
+            Err(_) => bail!("{client_id}: no CONNACK within 10 s"),
+        }
+    }
     while acked < total {
         if Instant::now() > deadline {
             bail!("{client_id}: {acked} of {total} acknowledged");
@@ -430,6 +454,14 @@ pub async fn publish_v5(port: u16, client_id: &str, messages: Vec<Message>) -> R
     opts.set_keep_alive(Duration::from_secs(30));
     let (client, mut eventloop) = AsyncClient::new(opts, 64);
     let total = messages.len();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => break,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => bail!("{client_id}: cannot connect: {e}"),
+            Err(_) => bail!("{client_id}: no CONNACK within 10 s"),
+        }
+    }
     let publisher = tokio::spawn(async move {
         for m in messages {
             let props = PublishProperties {

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The whole test suite: unit tests, property tests, and the end-to-end tests that start real
+# VictoriaMetrics, InfluxDB 1.6 and MQTT clients against the gateway binary.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/install-deps.sh
+
+# The end-to-end tests run the gateway binary, which `cargo test` alone does not build.
+cargo build --locked -p gateway --bin gateway
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --locked --workspace --no-fail-fast "$@"
+else
+  cargo test --locked --workspace --no-fail-fast "$@"
+fi
