@@ -261,6 +261,10 @@ impl Gateway {
             .env("GATEWAY_ADMIN__LISTEN", format!("127.0.0.1:{admin_port}"))
             .env("GATEWAY_DLQ__DIR", dir.path().join("dlq"))
             .env("GATEWAY_LOG__FORMAT", "json")
+            .env(
+                "GATEWAY_LOG__LEVEL",
+                std::env::var("E2E_GATEWAY_LOG").unwrap_or_else(|_| "info,rumqttd=warn".into()),
+            )
             .env("GATEWAY_SHUTDOWN__TIMEOUT", "20s")
             .stdout(Stdio::null())
             .stderr(log_file);
@@ -364,7 +368,7 @@ impl Drop for Gateway {
         // A failing test shows what the gateway said.
         if std::thread::panicking() {
             let logs = self.logs();
-            let tail: Vec<&str> = logs.lines().rev().take(40).collect();
+            let tail: Vec<&str> = logs.lines().rev().take(60).collect();
             eprintln!("--- last gateway log lines ---");
             for line in tail.iter().rev() {
                 eprintln!("{line}");
@@ -439,9 +443,11 @@ pub async fn publish_v4(port: u16, client_id: &str, messages: Vec<Message>) -> R
             Err(_) => bail!("{client_id}: no progress for 10 s after {acked} acks"),
         }
     }
-    let client = publisher.await??;
-    let _ = client.disconnect().await;
-    let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
+    // Close the socket without an MQTT DISCONNECT: rumqttd 0.20 handles a DISCONNECT followed
+    // by the socket closing as two disconnections, and the second one can cut whichever new
+    // device has just been given the freed connection id (see the README's known issues).
+    drop(publisher.await??);
+    drop(eventloop);
     Ok(())
 }
 
@@ -483,8 +489,9 @@ pub async fn publish_v5(port: u16, client_id: &str, messages: Vec<Message>) -> R
             Err(_) => bail!("{client_id}: no progress for 10 s after {acked} acks"),
         }
     }
-    let client = publisher.await??;
-    let _ = client.disconnect().await;
+    // No DISCONNECT, for the reason given in publish_v4.
+    drop(publisher.await??);
+    drop(eventloop);
     Ok(())
 }
 
