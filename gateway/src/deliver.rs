@@ -124,9 +124,15 @@ impl Deliverer {
             Vec::with_capacity(lines.len() / 4),
             flate2::Compression::fast(),
         );
-        // Writing into a Vec cannot fail.
-        let _ = encoder.write_all(lines);
-        Bytes::from(encoder.finish().unwrap_or_default())
+        // Invariant: gzip into a Vec<u8> cannot fail (its writes are infallible), and an empty
+        // body here would lose the batch silently, so this is not papered over.
+        #[allow(clippy::expect_used)]
+        {
+            encoder
+                .write_all(lines)
+                .expect("gzip into a Vec cannot fail");
+            Bytes::from(encoder.finish().expect("gzip into a Vec cannot fail"))
+        }
     }
 
     fn written(&self, batch: &Batch) {

@@ -37,8 +37,6 @@ pub fn unencodable_backslash(name: &str) -> bool {
 pub enum FieldValue<'a> {
     Float(f64),
     Integer(i64),
-    /// Unsigned values above `i64::MAX` that the user asked to keep as integers.
-    Unsigned(u64),
     Bool(bool),
     Text(&'a str),
 }
@@ -77,11 +75,6 @@ pub fn push_field(out: &mut Vec<u8>, first: bool, key: &str, value: FieldValue<'
             let mut buf = itoa::Buffer::new();
             out.extend_from_slice(buf.format(v).as_bytes());
             out.push(b'i');
-        }
-        FieldValue::Unsigned(v) => {
-            let mut buf = itoa::Buffer::new();
-            out.extend_from_slice(buf.format(v).as_bytes());
-            out.push(b'u');
         }
         FieldValue::Bool(v) => out.extend_from_slice(if v { b"true" } else { b"false" }),
         FieldValue::Text(s) => {
@@ -202,12 +195,6 @@ mod tests {
                 &[],
                 &[("s", FieldValue::Text("tab\there, a=b c"))],
                 "m s=\"tab\there, a=b c\" 1\n",
-            ),
-            (
-                "m",
-                &[],
-                &[("u", FieldValue::Unsigned(u64::MAX))],
-                "m u=18446744073709551615u 1\n",
             ),
             (
                 "m",

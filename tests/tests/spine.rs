@@ -513,3 +513,100 @@ async fn sigterm_during_load_writes_everything_accepted() {
     .await;
     assert_eq!(in_sink as u64, accepted);
 }
+
+/// A sink that accepts connections and never answers: the pipeline behind the broker stalls.
+fn hanging_sink() -> (std::net::TcpListener, String) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    (listener, url)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn broker_overflow_is_counted_exactly() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let (listener, url) = hanging_sink();
+    let release = Arc::new(AtomicBool::new(false));
+    // Hold every connection open without answering until released; then close the listener,
+    // so writes fail fast (connection refused) and the pipeline drains.
+    let holder = {
+        let release = release.clone();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            listener.set_nonblocking(true).expect("nonblocking");
+            let until = std::time::Instant::now() + Duration::from_secs(120);
+            while std::time::Instant::now() < until && !release.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((s, _)) => held.push(s),
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        })
+    };
+    let gw = Gateway::start(&[
+        ("GATEWAY_SINK__URL", url),
+        ("GATEWAY_SINK__TIMEOUT", "1s".into()),
+        ("GATEWAY_SINK__MAX_ATTEMPTS", "1".into()),
+        ("GATEWAY_SINK__MAX_IN_FLIGHT", "1".into()),
+        ("GATEWAY_QUEUE__MAX_READINGS", "10".into()),
+        ("GATEWAY_BATCH__MAX_READINGS", "10".into()),
+        // The smallest broker log the config allows: 2 segments of 1 MiB.
+        ("GATEWAY_MQTT__BROKER_SEGMENT_SIZE", "1MiB".into()),
+        ("GATEWAY_MQTT__BROKER_SEGMENT_COUNT", "2".into()),
+    ])
+    .await;
+    let ts = base_ms();
+    let padding = "p".repeat(400);
+    let published = 20_000u64;
+    let msgs: Vec<Message> = (0..published as i64)
+        .map(|i| Message {
+            topic: "telemetry/flood/env".into(),
+            payload: serde_json::to_vec(
+                &serde_json::json!({"ts": ts + i, "fields": {"v": i, "pad": padding}}),
+            )
+            .expect("json"),
+            content_type: None,
+        })
+        .collect();
+    // The broker acknowledges every message whether or not the gateway ever reads it.
+    publish_v4(gw.mqtt_port, "flood", msgs)
+        .await
+        .expect("all acknowledged by the broker");
+    release.store(true, Ordering::Relaxed);
+    let _ = holder.join();
+    let m = eventually(
+        Duration::from_secs(90),
+        "every message read or counted as dropped",
+        || async {
+            let m = gw.metrics().await?;
+            let received = m
+                .get("gateway_messages_received_total")
+                .copied()
+                .unwrap_or(0.0) as u64;
+            let dropped = m
+                .get("gateway_broker_dropped_total")
+                .copied()
+                .unwrap_or(0.0) as u64;
+            anyhow::ensure!(
+                received + dropped == published,
+                "received {received} + dropped {dropped} != {published}"
+            );
+            Ok(m)
+        },
+    )
+    .await;
+    let dropped = m["gateway_broker_dropped_total"];
+    eprintln!(
+        "published {published}, read {}, dropped by the broker {dropped}",
+        m["gateway_messages_received_total"]
+    );
+    assert!(
+        dropped > 0.0,
+        "a 2 MiB broker log cannot hold 8 MB of backlog"
+    );
+    let logs = gw.logs();
+    assert!(
+        logs.contains("the embedded broker dropped messages"),
+        "each jump is logged"
+    );
+}

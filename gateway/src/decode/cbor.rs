@@ -194,7 +194,7 @@ impl Walker<'_, '_, '_, '_, '_> {
         };
         let limits = self.target.limits;
         let mut remaining = len;
-        while self.next_entry(&mut remaining)? {
+        'entries: while self.next_entry(&mut remaining)? {
             let Some(key) = self.map_key(3)? else {
                 self.skip(3)?;
                 continue;
@@ -206,8 +206,7 @@ impl Walker<'_, '_, '_, '_, '_> {
                     self.skip(4)?;
                     let k = self.builder.str(key).to_owned();
                     self.builder.fail(DecodeError::IntegerOutOfRange(k));
-                    header = Header::Simple(simple::UNDEFINED);
-                    break;
+                    continue 'entries;
                 }
                 header = self.pull()?;
             }
@@ -223,7 +222,6 @@ impl Walker<'_, '_, '_, '_, '_> {
                 Header::Float(f) => self.builder.add_field_number(key, Number::Float(f), limits),
                 Header::Simple(simple::FALSE) => self.builder.add_field(key, Val::Bool(false)),
                 Header::Simple(simple::TRUE) => self.builder.add_field(key, Val::Bool(true)),
-                Header::Simple(simple::UNDEFINED) if self.builder.failed() => {}
                 Header::Text(len) => {
                     if self.builder.check_text_len(len.unwrap_or(0), limits) {
                         let span = self.text(len)?;

@@ -353,10 +353,6 @@ impl ReadingBuilder {
         }
     }
 
-    pub fn failed(&self) -> bool {
-        self.error.is_some()
-    }
-
     /// The arena position where the next text starts; pair with [`Self::end_text`].
     pub fn begin_text(&self) -> u32 {
         self.text.len() as u32
