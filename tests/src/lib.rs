@@ -405,9 +405,67 @@ pub struct Message {
     pub content_type: Option<&'static str>,
 }
 
+/// What a test client's event loop reported, in the terms the publishers need.
+pub enum Seen {
+    ConnAck,
+    PubAck,
+    Other,
+}
+
+/// The two rumqttc event loops (MQTT 3.1.1 and 5) seen through one interface.
+pub trait Events {
+    fn next_seen(&mut self) -> impl std::future::Future<Output = Result<Seen, String>> + Send;
+}
+
+impl Events for rumqttc::EventLoop {
+    async fn next_seen(&mut self) -> Result<Seen, String> {
+        use rumqttc::{Event, Packet};
+        Ok(match self.poll().await.map_err(|e| e.to_string())? {
+            Event::Incoming(Packet::ConnAck(_)) => Seen::ConnAck,
+            Event::Incoming(Packet::PubAck(_)) => Seen::PubAck,
+            _ => Seen::Other,
+        })
+    }
+}
+
+impl Events for rumqttc::v5::EventLoop {
+    async fn next_seen(&mut self) -> Result<Seen, String> {
+        use rumqttc::v5::mqttbytes::v5::Packet;
+        use rumqttc::v5::Event;
+        Ok(match self.poll().await.map_err(|e| e.to_string())? {
+            Event::Incoming(Packet::ConnAck(_)) => Seen::ConnAck,
+            Event::Incoming(Packet::PubAck(_)) => Seen::PubAck,
+            _ => Seen::Other,
+        })
+    }
+}
+
+/// Waits for the CONNACK (even with nothing to publish), then for `total` PUBACKs.
+async fn await_acks(events: &mut impl Events, client_id: &str, total: usize) -> Result<()> {
+    let step = Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout(step, events.next_seen()).await {
+            Ok(Ok(Seen::ConnAck)) => break,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => bail!("{client_id}: cannot connect: {e}"),
+            Err(_) => bail!("{client_id}: no CONNACK within {step:?}"),
+        }
+    }
+    let mut acked = 0;
+    while acked < total {
+        match tokio::time::timeout(step, events.next_seen()).await {
+            Ok(Ok(Seen::PubAck)) => acked += 1,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => bail!("{client_id}: connection error after {acked} of {total} acks: {e}"),
+            Err(_) => bail!("{client_id}: no progress for {step:?} after {acked} of {total} acks"),
+        }
+    }
+    Ok(())
+}
+
 /// Publishes `messages` at QoS 1 over MQTT 3.1.1 from one client and waits for every PUBACK.
 pub async fn publish_v4(port: u16, client_id: &str, messages: Vec<Message>) -> Result<()> {
-    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    use rumqttc::{AsyncClient, MqttOptions, QoS};
     let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
     opts.set_keep_alive(Duration::from_secs(30));
     opts.set_max_packet_size(4 << 20, 4 << 20);
@@ -421,28 +479,7 @@ pub async fn publish_v4(port: u16, client_id: &str, messages: Vec<Message>) -> R
         }
         anyhow::Ok(client)
     });
-    let mut acked = 0;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    // Wait for the CONNACK even when there is nothing to publish.
-    loop {
-        match tokio::time::timeout(Duration::from_secs(10), eventloop.poll()).await {
-            Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => break,
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => bail!("{client_id}: cannot connect: {e}"),
-            Err(_) => bail!("{client_id}: no CONNACK within 10 s"),
-        }
-    }
-    while acked < total {
-        if Instant::now() > deadline {
-            bail!("{client_id}: {acked} of {total} acknowledged");
-        }
-        match tokio::time::timeout(Duration::from_secs(10), eventloop.poll()).await {
-            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acked += 1,
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => bail!("{client_id}: connection error after {acked} acks: {e}"),
-            Err(_) => bail!("{client_id}: no progress for 10 s after {acked} acks"),
-        }
-    }
+    await_acks(&mut eventloop, client_id, total).await?;
     // Close the socket without an MQTT DISCONNECT: rumqttd 0.20 handles a DISCONNECT followed
     // by the socket closing as two disconnections, and the second one can cut whichever new
     // device has just been given the freed connection id (see the README's known issues).
@@ -453,21 +490,13 @@ pub async fn publish_v4(port: u16, client_id: &str, messages: Vec<Message>) -> R
 
 /// Publishes over MQTT 5 with each message's content type, QoS 1, waiting for every PUBACK.
 pub async fn publish_v5(port: u16, client_id: &str, messages: Vec<Message>) -> Result<()> {
-    use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
+    use rumqttc::v5::mqttbytes::v5::PublishProperties;
     use rumqttc::v5::mqttbytes::QoS;
-    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+    use rumqttc::v5::{AsyncClient, MqttOptions};
     let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
     opts.set_keep_alive(Duration::from_secs(30));
     let (client, mut eventloop) = AsyncClient::new(opts, 64);
     let total = messages.len();
-    loop {
-        match tokio::time::timeout(Duration::from_secs(10), eventloop.poll()).await {
-            Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => break,
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => bail!("{client_id}: cannot connect: {e}"),
-            Err(_) => bail!("{client_id}: no CONNACK within 10 s"),
-        }
-    }
     let publisher = tokio::spawn(async move {
         for m in messages {
             let props = PublishProperties {
@@ -480,15 +509,7 @@ pub async fn publish_v5(port: u16, client_id: &str, messages: Vec<Message>) -> R
         }
         anyhow::Ok(client)
     });
-    let mut acked = 0;
-    while acked < total {
-        match tokio::time::timeout(Duration::from_secs(10), eventloop.poll()).await {
-            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acked += 1,
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => bail!("{client_id}: connection error after {acked} acks: {e}"),
-            Err(_) => bail!("{client_id}: no progress for 10 s after {acked} acks"),
-        }
-    }
+    await_acks(&mut eventloop, client_id, total).await?;
     // No DISCONNECT, for the reason given in publish_v4.
     drop(publisher.await??);
     drop(eventloop);
