@@ -11,7 +11,7 @@ fn reading_json(i: i64) -> serde_json::Value {
     serde_json::json!({
         "ts": 1_764_126_000_000i64 + i,
         "fields": {"temp": 21.5, "hum": 40, "pressure": 1013.25, "battery": 3.71, "door": false, "co2": 415.5},
-        "tags": {"site": "north", "room": "lab-2", "firmware": "1.4.2"},
+        "tags": {"site": "north", "room": "lab-2", "firmware": "1.4.2", "zone": "building-7/f3"},
     })
 }
 
