@@ -17,6 +17,7 @@ pub mod batch;
 pub mod config;
 pub mod decode;
 pub mod deliver;
+pub mod dlq;
 pub mod ingest;
 pub mod line_protocol;
 pub mod metrics;

@@ -1,0 +1,799 @@
+//! The dead-letter queue's files: open with recovery, append, read, delete (see
+//! [`super::format`] for the layout and the durability promise).
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufReader, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use super::format::{self, Frame};
+use super::{DlqError, Kind, Meta};
+
+/// Sizes that shape the queue.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The queue refuses appends that would take its files past this (`dlq.max_bytes`).
+    pub max_bytes: u64,
+    /// A new segment starts when the active one would pass this.
+    pub segment_bytes: u64,
+}
+
+/// One live record, as listed. The data stays on disk until asked for.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub id: String,
+    pub meta: Meta,
+    /// Bytes of data (payload or line protocol).
+    pub data_len: usize,
+    /// Bytes the record takes on disk.
+    pub frame_len: u64,
+}
+
+/// What opening the queue found and repaired.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Recovery {
+    pub segments: usize,
+    pub records: usize,
+    /// Records skipped because `deleted.log` lists them.
+    pub deleted: usize,
+    /// Bytes cut from the end of the last segment or `deleted.log`: a write a crash tore.
+    pub torn_bytes: u64,
+    /// Damage that recovery could not repair, one line each (the rest of such a segment is
+    /// unreadable, since frames cannot be found again past a damaged length).
+    pub damaged: Vec<String>,
+}
+
+/// Gauges for the metrics and `dlq list`.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Stats {
+    pub records: u64,
+    /// Readings of records the gateway had accepted (every kind but rejected input).
+    pub accepted_readings: u64,
+    /// Payloads kept as rejected input.
+    pub rejected_inputs: u64,
+    /// Bytes of live records.
+    pub bytes: u64,
+    /// Bytes of all segment files, live or not: what `dlq.max_bytes` bounds.
+    pub disk_bytes: u64,
+    pub oldest_failure_ms: Option<i64>,
+    pub by_kind: BTreeMap<&'static str, u64>,
+}
+
+struct Active {
+    seq: u64,
+    file: File,
+    len: u64,
+}
+
+pub struct Dlq {
+    dir: PathBuf,
+    options: Options,
+    writable: bool,
+    _lock: Option<File>,
+    active: Option<Active>,
+    deleted_log: Option<File>,
+    /// Live records by (segment, offset): oldest first.
+    live: BTreeMap<(u64, u64), Entry>,
+    /// Live records per segment, and each segment's file size.
+    segments: BTreeMap<u64, (usize, u64)>,
+}
+
+const DELETED: &str = "deleted.log";
+const LOCK: &str = "LOCK";
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DlqError + '_ {
+    move |source| DlqError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+fn segment_name(seq: u64) -> String {
+    format!("{seq:020}.seg")
+}
+
+pub fn parse_id(id: &str) -> Option<(u64, u64)> {
+    let (seq, offset) = id.split_once('-')?;
+    Some((seq.parse().ok()?, offset.parse().ok()?))
+}
+
+fn make_id(seq: u64, offset: u64) -> String {
+    format!("{seq}-{offset}")
+}
+
+impl Dlq {
+    /// Opens (creating when `writable`) the queue in `dir`. A writable queue takes the
+    /// directory's lock, cuts torn tails, removes fully deleted segments and compacts
+    /// `deleted.log`; a read-only one changes nothing on disk and needs no lock.
+    pub fn open(
+        dir: &Path,
+        options: Options,
+        writable: bool,
+    ) -> Result<(Self, Recovery), DlqError> {
+        let lock = if writable {
+            fs::create_dir_all(dir).map_err(io_err(dir))?;
+            let path = dir.join(LOCK);
+            let file = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(io_err(&path))?;
+            match file.try_lock() {
+                Ok(()) => Some(file),
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(DlqError::Locked {
+                        dir: dir.display().to_string(),
+                    })
+                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(io_err(&path)(e)),
+            }
+        } else {
+            None
+        };
+        let mut dlq = Self {
+            dir: dir.to_owned(),
+            options,
+            writable,
+            _lock: lock,
+            active: None,
+            deleted_log: None,
+            live: BTreeMap::new(),
+            segments: BTreeMap::new(),
+        };
+        let mut recovery = Recovery::default();
+        if !dir.exists() {
+            return Ok((dlq, recovery));
+        }
+        let deleted = dlq.read_deleted(&mut recovery)?;
+        let seqs = dlq.segment_seqs()?;
+        for (i, seq) in seqs.iter().enumerate() {
+            let last = i + 1 == seqs.len();
+            dlq.scan_segment(*seq, last, &deleted, &mut recovery)?;
+        }
+        recovery.segments = dlq.segments.len();
+        if writable {
+            dlq.drop_dead_segments()?;
+            dlq.compact_deleted()?;
+            if let Some((&seq, &(_, len))) = dlq.segments.iter().next_back() {
+                if len < dlq.options.segment_bytes {
+                    let path = dlq.dir.join(segment_name(seq));
+                    let file = OpenOptions::new()
+                        .append(true)
+                        .open(&path)
+                        .map_err(io_err(&path))?;
+                    dlq.active = Some(Active { seq, file, len });
+                }
+            }
+        }
+        Ok((dlq, recovery))
+    }
+
+    fn segment_seqs(&self) -> Result<Vec<u64>, DlqError> {
+        let mut seqs: Vec<u64> = fs::read_dir(&self.dir)
+            .map_err(io_err(&self.dir))?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                name.strip_suffix(".seg")?.parse().ok()
+            })
+            .collect();
+        seqs.sort_unstable();
+        Ok(seqs)
+    }
+
+    fn read_deleted(&mut self, recovery: &mut Recovery) -> Result<HashSet<String>, DlqError> {
+        let path = self.dir.join(DELETED);
+        let mut ids = HashSet::new();
+        let Ok(file) = File::open(&path) else {
+            return Ok(ids);
+        };
+        let size = file.metadata().map_err(io_err(&path))?.len();
+        let mut reader = BufReader::new(file);
+        let mut magic = [0u8; 8];
+        let good_end = if std::io::Read::read_exact(&mut reader, &mut magic).is_err()
+            || &magic != format::DELETED_MAGIC
+        {
+            recovery
+                .damaged
+                .push(format!("{DELETED}: bad header, ignored"));
+            0
+        } else {
+            let mut pos = 8u64;
+            loop {
+                match format::read_frame(&mut reader).map_err(io_err(&path))? {
+                    Frame::Body(body) => {
+                        pos += (format::FRAME_HEADER + body.len()) as u64;
+                        ids.insert(String::from_utf8_lossy(&body).into_owned());
+                    }
+                    Frame::End => break,
+                    Frame::Torn | Frame::Corrupt => {
+                        recovery.torn_bytes += size - pos;
+                        break;
+                    }
+                }
+            }
+            pos
+        };
+        if self.writable && good_end < size {
+            // Rewritten below by compaction; a header-less file starts over.
+            let f = OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .map_err(io_err(&path))?;
+            f.set_len(good_end).map_err(io_err(&path))?;
+        }
+        Ok(ids)
+    }
+
+    fn scan_segment(
+        &mut self,
+        seq: u64,
+        last: bool,
+        deleted: &HashSet<String>,
+        recovery: &mut Recovery,
+    ) -> Result<(), DlqError> {
+        let path = self.dir.join(segment_name(seq));
+        let file = File::open(&path).map_err(io_err(&path))?;
+        let size = file.metadata().map_err(io_err(&path))?.len();
+        let mut reader = BufReader::new(file);
+        let mut magic = [0u8; 8];
+        if std::io::Read::read_exact(&mut reader, &mut magic).is_err()
+            || &magic != format::SEGMENT_MAGIC
+        {
+            if last && self.writable && size < 8 {
+                // A segment whose creation a crash cut short: nothing in it was acknowledged.
+                recovery.torn_bytes += size;
+                fs::remove_file(&path).map_err(io_err(&path))?;
+            } else {
+                recovery
+                    .damaged
+                    .push(format!("{}: not a DLQ segment, left alone", path.display()));
+            }
+            return Ok(());
+        }
+        let mut pos = 8u64;
+        let mut live = 0usize;
+        loop {
+            let frame = format::read_frame(&mut reader).map_err(io_err(&path))?;
+            let body = match frame {
+                Frame::Body(body) => body,
+                Frame::End => break,
+                Frame::Torn | Frame::Corrupt if last => {
+                    // The last write before a crash: never acknowledged, so cut it.
+                    recovery.torn_bytes += size - pos;
+                    if self.writable {
+                        let f = OpenOptions::new()
+                            .write(true)
+                            .open(&path)
+                            .map_err(io_err(&path))?;
+                        f.set_len(pos).map_err(io_err(&path))?;
+                        f.sync_all().map_err(io_err(&path))?;
+                    }
+                    break;
+                }
+                Frame::Torn | Frame::Corrupt => {
+                    recovery.damaged.push(format!(
+                        "{}: damaged record at byte {pos}; the {} bytes after it cannot be read",
+                        path.display(),
+                        size - pos
+                    ));
+                    break;
+                }
+            };
+            let id = make_id(seq, pos);
+            let frame_len = (format::FRAME_HEADER + body.len()) as u64;
+            pos += frame_len;
+            if deleted.contains(&id) {
+                recovery.deleted += 1;
+                continue;
+            }
+            let Some((meta, data)) = format::decode_record(&body) else {
+                recovery
+                    .damaged
+                    .push(format!("record {id}: malformed body, skipped"));
+                continue;
+            };
+            match serde_json::from_slice::<Meta>(meta) {
+                Ok(meta) => {
+                    recovery.records += 1;
+                    live += 1;
+                    let entry = Entry {
+                        id,
+                        meta,
+                        data_len: data.len(),
+                        frame_len,
+                    };
+                    self.live.insert((seq, pos - frame_len), entry);
+                }
+                Err(e) => recovery
+                    .damaged
+                    .push(format!("record {id}: unreadable metadata ({e}), skipped")),
+            }
+        }
+        self.segments.insert(seq, (live, pos));
+        Ok(())
+    }
+
+    /// Removes sealed segments with no live record left.
+    fn drop_dead_segments(&mut self) -> Result<(), DlqError> {
+        let last = self.segments.keys().next_back().copied();
+        let active = self.active.as_ref().map(|a| a.seq).or(last);
+        let dead: Vec<u64> = self
+            .segments
+            .iter()
+            .filter(|(seq, (live, _))| *live == 0 && Some(**seq) != active)
+            .map(|(seq, _)| *seq)
+            .collect();
+        for seq in dead {
+            let path = self.dir.join(segment_name(seq));
+            fs::remove_file(&path).map_err(io_err(&path))?;
+            self.segments.remove(&seq);
+        }
+        sync_dir(&self.dir)
+    }
+
+    /// Rewrites `deleted.log` with only the ids of segments that still exist.
+    fn compact_deleted(&mut self) -> Result<(), DlqError> {
+        let path = self.dir.join(DELETED);
+        let keep: Vec<String> = {
+            let mut r = Recovery::default();
+            let ids = self.read_deleted(&mut r)?;
+            ids.into_iter()
+                .filter(|id| parse_id(id).is_some_and(|(seq, _)| self.segments.contains_key(&seq)))
+                .collect()
+        };
+        let tmp = self.dir.join("deleted.log.tmp");
+        {
+            let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
+            f.write_all(format::DELETED_MAGIC).map_err(io_err(&tmp))?;
+            for id in &keep {
+                format::write_frame(&mut f, id.as_bytes()).map_err(io_err(&tmp))?;
+            }
+            f.sync_all().map_err(io_err(&tmp))?;
+        }
+        fs::rename(&tmp, &path).map_err(io_err(&path))?;
+        sync_dir(&self.dir)?;
+        self.deleted_log = Some(
+            OpenOptions::new()
+                .append(true)
+                .open(&path)
+                .map_err(io_err(&path))?,
+        );
+        Ok(())
+    }
+
+    /// Appends a record, durably, and returns its id. [`DlqError::Full`] leaves the disk as
+    /// it was: the caller still holds the data.
+    pub fn append(&mut self, meta: &Meta, data: &[u8]) -> Result<String, DlqError> {
+        let meta_json = serde_json::to_vec(meta).map_err(|e| DlqError::Io {
+            path: self.dir.display().to_string(),
+            source: std::io::Error::other(e),
+        })?;
+        let body = format::encode_record(&meta_json, data);
+        let frame_len = (format::FRAME_HEADER + body.len()) as u64;
+        let used = self.disk_bytes();
+        if used + frame_len > self.options.max_bytes {
+            return Err(DlqError::Full {
+                used,
+                max: self.options.max_bytes,
+            });
+        }
+        let rotate = self
+            .active
+            .as_ref()
+            .is_none_or(|a| a.len > 8 && a.len + frame_len > self.options.segment_bytes);
+        if rotate {
+            self.new_segment()?;
+        }
+        let dir = self.dir.clone();
+        let Some(active) = self.active.as_mut() else {
+            return Err(io_err(&dir)(std::io::Error::other("no active segment")));
+        };
+        let path = dir.join(segment_name(active.seq));
+        let offset = active.len;
+        let mut frame = Vec::with_capacity(frame_len as usize);
+        format::write_frame(&mut frame, &body).map_err(io_err(&path))?;
+        if let Err(e) = active
+            .file
+            .write_all(&frame)
+            .and_then(|()| active.file.sync_data())
+        {
+            // Leave no half record behind for the next append to follow.
+            let _ = active.file.set_len(offset);
+            return Err(io_err(&path)(e));
+        }
+        active.len += frame_len;
+        let seq = active.seq;
+        let id = make_id(seq, offset);
+        let seg = self.segments.entry(seq).or_insert((0, 8));
+        seg.0 += 1;
+        seg.1 = offset + frame_len;
+        self.live.insert(
+            (seq, offset),
+            Entry {
+                id: id.clone(),
+                meta: meta.clone(),
+                data_len: data.len(),
+                frame_len,
+            },
+        );
+        Ok(id)
+    }
+
+    fn new_segment(&mut self) -> Result<(), DlqError> {
+        if !self.writable {
+            return Err(DlqError::Locked {
+                dir: self.dir.display().to_string(),
+            });
+        }
+        let seq = self.segments.keys().next_back().map_or(1, |s| s + 1);
+        let path = self.dir.join(segment_name(seq));
+        let mut file = OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        file.write_all(format::SEGMENT_MAGIC)
+            .and_then(|()| file.sync_all())
+            .map_err(io_err(&path))?;
+        sync_dir(&self.dir)?;
+        self.segments.insert(seq, (0, 8));
+        // The previous active segment may have been emptied while it was active.
+        let previous = self.active.replace(Active { seq, file, len: 8 });
+        if let Some(prev) = previous {
+            if self
+                .segments
+                .get(&prev.seq)
+                .is_some_and(|(live, _)| *live == 0)
+            {
+                self.remove_segment(prev.seq)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn remove_segment(&mut self, seq: u64) -> Result<(), DlqError> {
+        let path = self.dir.join(segment_name(seq));
+        fs::remove_file(&path).map_err(io_err(&path))?;
+        self.segments.remove(&seq);
+        sync_dir(&self.dir)
+    }
+
+    /// Live records, oldest first.
+    pub fn entries(&self) -> impl Iterator<Item = &Entry> {
+        self.live.values()
+    }
+
+    pub fn get(&self, id: &str) -> Option<&Entry> {
+        parse_id(id).and_then(|k| self.live.get(&k))
+    }
+
+    /// A record's metadata and data.
+    pub fn read(&self, id: &str) -> Result<(Meta, Vec<u8>), DlqError> {
+        let (seq, offset) = parse_id(id).ok_or_else(|| DlqError::NotFound(id.to_owned()))?;
+        let entry = self
+            .live
+            .get(&(seq, offset))
+            .ok_or_else(|| DlqError::NotFound(id.to_owned()))?;
+        let path = self.dir.join(segment_name(seq));
+        let mut file = File::open(&path).map_err(io_err(&path))?;
+        file.seek(SeekFrom::Start(offset)).map_err(io_err(&path))?;
+        let corrupt = |detail: &str| DlqError::Corrupt {
+            id: id.to_owned(),
+            detail: detail.to_owned(),
+        };
+        match format::read_frame(&mut BufReader::new(file)).map_err(io_err(&path))? {
+            Frame::Body(body) => {
+                let (_, data) =
+                    format::decode_record(&body).ok_or_else(|| corrupt("malformed body"))?;
+                Ok((entry.meta.clone(), data.to_vec()))
+            }
+            _ => Err(corrupt("the frame no longer reads back")),
+        }
+    }
+
+    /// Removes records (replayed or purged), durably. Unknown ids are an error before
+    /// anything is removed.
+    pub fn delete(&mut self, ids: &[String]) -> Result<(), DlqError> {
+        let keys: Vec<(u64, u64)> = ids
+            .iter()
+            .map(|id| {
+                parse_id(id)
+                    .filter(|k| self.live.contains_key(k))
+                    .ok_or_else(|| DlqError::NotFound(id.clone()))
+            })
+            .collect::<Result<_, _>>()?;
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let path = self.dir.join(DELETED);
+        if self.deleted_log.is_none() {
+            self.compact_deleted()?;
+        }
+        let Some(log) = self.deleted_log.as_mut() else {
+            return Err(io_err(&path)(std::io::Error::other(
+                "deleted.log is not open",
+            )));
+        };
+        let mut frames = Vec::new();
+        for id in ids {
+            format::write_frame(&mut frames, id.as_bytes()).map_err(io_err(&path))?;
+        }
+        log.write_all(&frames)
+            .and_then(|()| log.sync_data())
+            .map_err(io_err(&path))?;
+        let active = self.active.as_ref().map(|a| a.seq);
+        for key in keys {
+            self.live.remove(&key);
+            if let Some(seg) = self.segments.get_mut(&key.0) {
+                seg.0 -= 1;
+                if seg.0 == 0 && Some(key.0) != active {
+                    self.remove_segment(key.0)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn disk_bytes(&self) -> u64 {
+        self.segments.values().map(|(_, len)| len).sum()
+    }
+
+    pub fn stats(&self) -> Stats {
+        let mut s = Stats {
+            disk_bytes: self.disk_bytes(),
+            ..Stats::default()
+        };
+        for kind in Kind::ALL {
+            s.by_kind.insert(kind.as_str(), 0);
+        }
+        for e in self.live.values() {
+            s.records += 1;
+            s.bytes += e.frame_len;
+            if e.meta.kind.accepted() {
+                s.accepted_readings += u64::from(e.meta.readings);
+            } else {
+                s.rejected_inputs += 1;
+            }
+            *s.by_kind.entry(e.meta.kind.as_str()).or_default() += 1;
+            s.oldest_failure_ms = Some(
+                s.oldest_failure_ms
+                    .map_or(e.meta.first_failure_ms, |o| o.min(e.meta.first_failure_ms)),
+            );
+        }
+        s
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), DlqError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts() -> Options {
+        Options {
+            max_bytes: 1 << 20,
+            segment_bytes: 4096,
+        }
+    }
+
+    fn meta(kind: Kind, readings: u32) -> Meta {
+        Meta {
+            kind,
+            reason: "503 Service Unavailable".into(),
+            status: Some(503),
+            attempts: 5,
+            first_failure_ms: 1_000,
+            last_failure_ms: 2_000,
+            topics: vec!["telemetry/d1/env".into()],
+            more_topics: 0,
+            readings,
+        }
+    }
+
+    #[test]
+    fn append_read_delete_survive_reopen() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (mut q, r) = Dlq::open(dir.path(), opts(), true).expect("open");
+        assert_eq!(r, Recovery::default());
+        let a = q
+            .append(&meta(Kind::RetriesExhausted, 2), b"m v=1 1\nm v=2 2\n")
+            .expect("append");
+        let b = q
+            .append(&meta(Kind::RejectedInput, 1), b"\xff garbage")
+            .expect("append");
+        assert_eq!(q.read(&a).expect("read").1, b"m v=1 1\nm v=2 2\n");
+        let s = q.stats();
+        assert_eq!(
+            (s.records, s.accepted_readings, s.rejected_inputs),
+            (2, 2, 1)
+        );
+        q.delete(std::slice::from_ref(&a)).expect("delete");
+        assert!(matches!(q.read(&a), Err(DlqError::NotFound(_))));
+        drop(q);
+
+        let (q, r) = Dlq::open(dir.path(), opts(), true).expect("reopen");
+        assert_eq!((r.records, r.deleted, r.torn_bytes), (1, 1, 0));
+        let ids: Vec<&str> = q.entries().map(|e| e.id.as_str()).collect();
+        assert_eq!(ids, vec![b.as_str()], "ids are stable across restarts");
+        assert_eq!(q.read(&b).expect("read").1, b"\xff garbage");
+    }
+
+    #[test]
+    fn the_lock_keeps_a_second_writer_out() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (_q, _) = Dlq::open(dir.path(), opts(), true).expect("open");
+        assert!(matches!(
+            Dlq::open(dir.path(), opts(), true),
+            Err(DlqError::Locked { .. })
+        ));
+        assert!(
+            Dlq::open(dir.path(), opts(), false).is_ok(),
+            "readers need no lock"
+        );
+    }
+
+    #[test]
+    fn full_queue_refuses_and_changes_nothing() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let small = Options {
+            max_bytes: 600,
+            segment_bytes: 4096,
+        };
+        let (mut q, _) = Dlq::open(dir.path(), small, true).expect("open");
+        q.append(&meta(Kind::RetriesExhausted, 1), &[b'x'; 200])
+            .expect("fits");
+        let before = q.stats();
+        assert!(matches!(
+            q.append(&meta(Kind::RetriesExhausted, 1), &[b'x'; 400]),
+            Err(DlqError::Full { .. })
+        ));
+        assert_eq!(q.stats(), before);
+    }
+
+    #[test]
+    fn segments_rotate_and_emptied_ones_are_removed() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (mut q, _) = Dlq::open(dir.path(), opts(), true).expect("open");
+        let ids: Vec<String> = (0..20)
+            .map(|_| {
+                q.append(&meta(Kind::RetriesExhausted, 1), &[b'x'; 900])
+                    .expect("append")
+            })
+            .collect();
+        let segs = |d: &Path| {
+            fs::read_dir(d)
+                .expect("ls")
+                .filter(|e| {
+                    e.as_ref()
+                        .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "seg"))
+                })
+                .count()
+        };
+        assert!(
+            segs(dir.path()) >= 5,
+            "4 KiB segments hold about 4 records each"
+        );
+        q.delete(&ids[..16]).expect("delete");
+        assert!(
+            segs(dir.path()) <= 2,
+            "segments without live records are gone"
+        );
+        drop(q);
+        let (q, r) = Dlq::open(dir.path(), opts(), true).expect("reopen");
+        assert_eq!(r.records, 4);
+        assert_eq!(q.entries().count(), 4);
+    }
+
+    #[test]
+    fn recovery_cuts_a_torn_tail_and_reports_damage() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (mut q, _) = Dlq::open(dir.path(), opts(), true).expect("open");
+        let a = q
+            .append(&meta(Kind::RetriesExhausted, 1), b"m v=1 1\n")
+            .expect("append");
+        q.append(&meta(Kind::RetriesExhausted, 1), b"m v=2 2\n")
+            .expect("append");
+        drop(q);
+        let seg = dir.path().join(segment_name(1));
+        let len = fs::metadata(&seg).expect("stat").len();
+        // A crash in the middle of the second record.
+        let f = OpenOptions::new().write(true).open(&seg).expect("open");
+        f.set_len(len - 5).expect("truncate");
+        let (mut q, r) = Dlq::open(dir.path(), opts(), true).expect("reopen");
+        assert_eq!(r.records, 1);
+        assert!(r.torn_bytes > 0 && r.damaged.is_empty(), "{r:?}");
+        assert_eq!(
+            q.entries().map(|e| e.id.clone()).collect::<Vec<_>>(),
+            vec![a.clone()]
+        );
+        // Appending after recovery continues a clean log.
+        q.append(&meta(Kind::RetriesExhausted, 1), b"m v=3 3\n")
+            .expect("append");
+        drop(q);
+        let (_, r) = Dlq::open(dir.path(), opts(), true).expect("reopen");
+        assert_eq!((r.records, r.torn_bytes), (2, 0));
+
+        // A flipped bit in a sealed segment is reported, not silently skipped.
+        let (mut q, _) = Dlq::open(dir.path(), opts(), true).expect("open");
+        for _ in 0..8 {
+            q.append(&meta(Kind::RetriesExhausted, 1), &[b'y'; 900])
+                .expect("append");
+        }
+        drop(q);
+        let mut bytes = fs::read(&seg).expect("read");
+        bytes[20] ^= 0x01;
+        fs::write(&seg, bytes).expect("write");
+        let (_, r) = Dlq::open(dir.path(), opts(), true).expect("reopen");
+        assert_eq!(r.damaged.len(), 1, "{r:?}");
+    }
+
+    mod model {
+        use super::*;
+        use proptest::prelude::*;
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            Append(usize),
+            Delete(usize),
+            Reopen,
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                4 => (0usize..1500).prop_map(Op::Append),
+                2 => any::<usize>().prop_map(Op::Delete),
+                1 => Just(Op::Reopen),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(64))]
+            /// Against a plain list: the same live records, in order, with the same data,
+            /// whatever the appends, deletes and restarts.
+            #[test]
+            fn behaves_like_a_list(ops in proptest::collection::vec(op(), 1..60)) {
+                let dir = tempfile::tempdir().expect("tmp");
+                let (mut q, _) = Dlq::open(dir.path(), opts(), true).expect("open");
+                let mut model: Vec<(String, Vec<u8>)> = Vec::new();
+                for (n, op) in ops.into_iter().enumerate() {
+                    match op {
+                        Op::Append(size) => {
+                            let data = vec![(n % 251) as u8; size];
+                            match q.append(&meta(Kind::RetriesExhausted, 1), &data) {
+                                Ok(id) => model.push((id, data)),
+                                Err(DlqError::Full { .. }) => {}
+                                Err(e) => return Err(TestCaseError::fail(e.to_string())),
+                            }
+                        }
+                        Op::Delete(i) if !model.is_empty() => {
+                            let (id, _) = model.remove(i % model.len());
+                            q.delete(&[id]).expect("delete");
+                        }
+                        Op::Delete(_) => {}
+                        Op::Reopen => {
+                            drop(q);
+                            q = Dlq::open(dir.path(), opts(), true).expect("reopen").0;
+                        }
+                    }
+                    let ids: Vec<&str> = q.entries().map(|e| e.id.as_str()).collect();
+                    let want: Vec<&str> = model.iter().map(|(id, _)| id.as_str()).collect();
+                    prop_assert_eq!(ids, want);
+                }
+                for (id, data) in &model {
+                    prop_assert_eq!(&q.read(id).expect("read").1, data);
+                }
+            }
+        }
+    }
+}
