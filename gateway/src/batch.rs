@@ -18,20 +18,108 @@ pub struct BatchLimits {
     pub max_in_flight: usize,
 }
 
-/// A batch: whole chunks, so that every reading keeps its receive time for the lag metric.
+/// Where some of a batch's lines came from: one MQTT message (or part of one after a split).
+#[derive(Debug, Clone)]
+pub struct Origin {
+    pub received: Instant,
+    pub readings: u32,
+    pub topic: Arc<str>,
+}
+
+/// Lines for one write request, with the origin of every line, in order: the lag metric and
+/// dead-letter records need them, and bisecting a rejected batch keeps them straight.
 #[derive(Debug, Default)]
 pub struct Batch {
     pub body: Vec<u8>,
     pub readings: u32,
-    /// (receive time, readings) per message, in order.
-    pub received: Vec<(Instant, u32)>,
+    pub origins: Vec<Origin>,
 }
 
 impl Batch {
     fn add(&mut self, chunk: Chunk) {
         self.body.extend_from_slice(&chunk.lines);
         self.readings += chunk.readings;
-        self.received.push((chunk.received, chunk.readings));
+        self.origins.push(Origin {
+            received: chunk.received,
+            readings: chunk.readings,
+            topic: chunk.topic,
+        });
+    }
+
+    /// Lines that came back from the dead-letter queue: one origin for all of them.
+    pub fn from_lines(body: Vec<u8>, topic: Arc<str>) -> Self {
+        let readings = body.iter().filter(|b| **b == b'\n').count() as u32;
+        Self {
+            body,
+            readings,
+            origins: vec![Origin {
+                received: Instant::now(),
+                readings,
+                topic,
+            }],
+        }
+    }
+
+    /// Splits into the first `lines` lines and the rest (`0 < lines < self.readings`).
+    pub fn split_at_line(self, lines: u32) -> (Batch, Batch) {
+        let cut = self
+            .body
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| **b == b'\n')
+            .nth(lines.saturating_sub(1) as usize)
+            .map_or(self.body.len(), |(i, _)| i + 1);
+        let mut first = Vec::new();
+        let mut second = Vec::new();
+        let mut left = lines;
+        for o in self.origins {
+            if left == 0 {
+                second.push(o);
+            } else if o.readings <= left {
+                left -= o.readings;
+                first.push(o);
+            } else {
+                first.push(Origin {
+                    readings: left,
+                    ..o.clone()
+                });
+                second.push(Origin {
+                    readings: o.readings - left,
+                    ..o
+                });
+                left = 0;
+            }
+        }
+        let (a, b) = self.body.split_at(cut);
+        (
+            Batch {
+                body: a.to_vec(),
+                readings: lines,
+                origins: first,
+            },
+            Batch {
+                body: b.to_vec(),
+                readings: self.readings - lines,
+                origins: second,
+            },
+        )
+    }
+
+    /// Distinct topics, at most `max`, and how many more there were.
+    pub fn topics(&self, max: usize) -> (Vec<String>, u32) {
+        let mut seen: Vec<&str> = Vec::new();
+        let mut more = 0u32;
+        for o in &self.origins {
+            if seen.contains(&&*o.topic) {
+                continue;
+            }
+            if seen.len() < max {
+                seen.push(&o.topic);
+            } else {
+                more += 1;
+            }
+        }
+        (seen.into_iter().map(str::to_owned).collect(), more)
     }
 
     fn fits(&self, chunk: &Chunk, limits: &BatchLimits) -> bool {
@@ -96,4 +184,42 @@ pub async fn run(mut rx: QueueRx, limits: BatchLimits, deliverer: Arc<Deliverer>
         }
     }
     while writes.join_next().await.is_some() {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn origin(readings: u32, topic: &str) -> Origin {
+        Origin {
+            received: Instant::now(),
+            readings,
+            topic: topic.into(),
+        }
+    }
+
+    #[test]
+    fn split_at_line_keeps_lines_and_origins_together() {
+        let batch = Batch {
+            body: b"m a=1 1\nm a=2 2\nm a=3 3\nm a=4 4\n".to_vec(),
+            readings: 4,
+            origins: vec![origin(3, "t/a/m"), origin(1, "t/b/m")],
+        };
+        let (a, b) = batch.split_at_line(2);
+        assert_eq!(a.body, b"m a=1 1\nm a=2 2\n");
+        assert_eq!(b.body, b"m a=3 3\nm a=4 4\n");
+        assert_eq!((a.readings, b.readings), (2, 2));
+        let counts = |b: &Batch| {
+            b.origins
+                .iter()
+                .map(|o| (o.topic.to_string(), o.readings))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(counts(&a), vec![("t/a/m".to_string(), 2)]);
+        assert_eq!(
+            counts(&b),
+            vec![("t/a/m".to_string(), 1), ("t/b/m".to_string(), 1)]
+        );
+        assert_eq!(b.topics(1), (vec!["t/a/m".to_string()], 1));
+    }
 }

@@ -167,6 +167,13 @@ pub struct LogConfig {
 #[serde(deny_unknown_fields)]
 pub struct DlqConfig {
     pub dir: PathBuf,
+    pub max_bytes: ByteSize,
+    pub segment_bytes: ByteSize,
+    pub redrive: bool,
+    #[serde(with = "humantime_serde")]
+    pub redrive_interval: Duration,
+    pub redrive_rate: u32,
+    pub rejected_input_per_device: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]

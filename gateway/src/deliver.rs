@@ -1,32 +1,84 @@
-//! Delivery of one batch: write, retry what is worth retrying, split what is too large, and
-//! account for every reading (written, or given up with the sink's reason).
+//! Delivery of batches: write, retry what is worth retrying, bisect what the sink rejects, and
+//! park in the dead-letter queue what cannot be written — accounting for every reading.
+//!
+//! ```text
+//! batch ─▶ write (retries: backoff + jitter, Retry-After) ─ok─▶ written
+//!            │
+//!            ├─ 400 / 413, several lines ─▶ split in halves, each half again
+//!            ├─ 400 / 413, one line ──────▶ park: rejected_by_sink
+//!            ├─ 401 / 403 / 404 ──────────▶ park: refused_by_sink (log loudly)
+//!            └─ retries exhausted ────────▶ park: retries_exhausted, sink marked down:
+//!                                            later batches park at once, redrive probes
+//! ```
+//!
+//! Splitting re-sends lines InfluxDB may already have written (a 400 can be a partial write);
+//! the same series and timestamp written twice is one point, so that is harmless.
 
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tracing::{error, warn};
+use tracing::{error, info, warn};
 
 use crate::batch::Batch;
-use crate::metrics::{Class, Metrics, Outcome};
+use crate::dlq::{self, DlqError, Kind, Meta, SharedDlq};
+use crate::metrics::{Metrics, Outcome};
 use crate::retry::Backoff;
 use crate::sink::{Sink, SinkError};
+
+/// Whether the sink is considered down, and since when; logged on changes only.
+#[derive(Default)]
+struct Health {
+    down: AtomicBool,
+    since: Mutex<Option<Instant>>,
+}
 
 pub struct Deliverer {
     sink: Sink,
     metrics: Arc<Metrics>,
+    dlq: Arc<SharedDlq>,
     backoff: Backoff,
     max_attempts: u32,
     gzip: bool,
-    /// Set to false by shutdown when its timeout has passed: retries stop and what is left is
-    /// reported as not written.
-    retrying: std::sync::atomic::AtomicBool,
+    health: Health,
+    /// Cleared by shutdown when its timeout has passed: retries and waits for DLQ room stop,
+    /// and what is left is reported as not written.
+    retrying: AtomicBool,
+}
+
+/// How a write ended, with the attempts it took.
+struct Failure {
+    error: SinkError,
+    attempts: u32,
+    first_failure_ms: i64,
+}
+
+/// What replaying a record did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Replayed {
+    /// All its readings are in the sink.
+    Written(u32),
+    /// The sink rejected some lines: the rest were written, those parked as new records.
+    Split { written: u32, parked: u32 },
+    /// Nothing was written (the sink is unreachable or refuses); the record stays as it was.
+    Left(String),
+}
+
+/// What redriving a record found out about the sink.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Redrive {
+    /// The record is gone from the queue: written, or re-parked under its new kind.
+    Done,
+    /// The sink is still unreachable; the record was put back.
+    SinkDown,
 }
 
 impl Deliverer {
     pub fn new(
         sink: Sink,
         metrics: Arc<Metrics>,
+        dlq: Arc<SharedDlq>,
         backoff: Backoff,
         max_attempts: u32,
         gzip: bool,
@@ -34,41 +86,206 @@ impl Deliverer {
         Self {
             sink,
             metrics,
+            dlq,
             backoff,
             max_attempts,
             gzip,
-            retrying: std::sync::atomic::AtomicBool::new(true),
+            health: Health::default(),
+            retrying: AtomicBool::new(true),
         }
     }
 
     pub fn stop_retrying(&self) {
-        self.retrying
-            .store(false, std::sync::atomic::Ordering::Relaxed);
+        self.retrying.store(false, Ordering::Relaxed);
     }
 
+    fn retrying(&self) -> bool {
+        self.retrying.load(Ordering::Relaxed)
+    }
+
+    pub fn sink_down(&self) -> bool {
+        self.health.down.load(Ordering::Relaxed)
+    }
+
+    /// Delivers a batch from the queue (its readings are in flight).
     pub async fn deliver(&self, batch: Batch) {
         self.metrics
             .batch_readings
             .observe(f64::from(batch.readings));
-        // 413 splits a batch; the halves go through the same loop, depth-first.
-        let mut pending = vec![batch];
-        while let Some(batch) = pending.pop() {
-            match self.write_with_retries(&batch).await {
-                Ok(()) => self.written(&batch),
-                Err(SinkError::TooLarge { body }) if batch.received.len() > 1 => {
-                    warn!(readings = batch.readings, %body, "sink says the batch is too large; splitting it");
-                    let (a, b) = split(batch);
-                    pending.push(b);
-                    pending.push(a);
+        self.settle(batch, self.max_attempts, true, None).await;
+    }
+
+    /// Writes one `retries_exhausted` record again: a single attempt per part, so that a sink
+    /// that is still down costs one request. Everything ends written or parked again.
+    pub async fn redrive(&self, id: String, readings: u32) -> Result<Redrive, DlqError> {
+        let (meta, data) = self.dlq.read(id.clone()).await?;
+        let topic: Arc<str> = meta.topics.first().map_or("", String::as_str).into();
+        self.dlq.begin_redrive(readings);
+        let batch = Batch::from_lines(data, topic);
+        let written_before = self.metrics.sink_readings_written.get();
+        let down = self.settle(batch, 1, false, Some(&meta)).await;
+        self.metrics.dlq_redriven_readings.inc_by(
+            self.metrics
+                .sink_readings_written
+                .get()
+                .saturating_sub(written_before),
+        );
+        let deleted = self.dlq.delete(vec![id]).await;
+        self.dlq.end_redrive(readings);
+        deleted?;
+        Ok(if down {
+            Redrive::SinkDown
+        } else {
+            Redrive::Done
+        })
+    }
+
+    /// Writes a record again for an operator (`gateway dlq replay`): the whole record with the
+    /// usual retries; if the sink rejects some of its lines, the good ones are written and the
+    /// bad ones parked anew. The caller deletes the record unless it was [`Replayed::Left`].
+    pub async fn replay(&self, lines: Vec<u8>, meta: &Meta) -> Replayed {
+        let topic: Arc<str> = meta.topics.first().map_or("", String::as_str).into();
+        let batch = Batch::from_lines(lines, topic);
+        let readings = batch.readings;
+        self.metrics.readings_in_flight.inc_by(i64::from(readings));
+        match self.write_with_retries(&batch, self.max_attempts).await {
+            Ok(()) => {
+                self.written(&batch, false);
+                Replayed::Written(readings)
+            }
+            Err(f)
+                if matches!(
+                    f.error,
+                    SinkError::Rejected { .. } | SinkError::TooLarge { .. }
+                ) && readings > 1 =>
+            {
+                let before = self.metrics.sink_readings_written.get();
+                self.settle(batch, self.max_attempts, false, Some(meta))
+                    .await;
+                let written = self.metrics.sink_readings_written.get() - before;
+                Replayed::Split {
+                    written: written as u32,
+                    parked: readings - written as u32,
                 }
-                Err(e) => self.given_up(&batch, &e),
+            }
+            Err(f) => {
+                self.metrics.readings_in_flight.dec_by(i64::from(readings));
+                Replayed::Left(f.error.to_string())
             }
         }
     }
 
-    async fn write_with_retries(&self, batch: &Batch) -> Result<(), SinkError> {
+    /// Writes, splits and parks until every line of `batch` is written or parked. Returns
+    /// whether the sink turned out to be unreachable.
+    async fn settle(
+        &self,
+        batch: Batch,
+        attempts: u32,
+        live: bool,
+        previous: Option<&Meta>,
+    ) -> bool {
+        let mut pending = vec![batch];
+        let mut down = false;
+        while let Some(batch) = pending.pop() {
+            if down || (live && self.sink_down()) {
+                // Probing is the redrive task's job: do not spend a timeout per batch.
+                let reason =
+                    "sink unreachable; parked without a write while it is down".to_string();
+                self.park(
+                    batch,
+                    Kind::RetriesExhausted,
+                    reason,
+                    None,
+                    0,
+                    dlq::now_ms(),
+                    previous,
+                )
+                .await;
+                continue;
+            }
+            match self.write_with_retries(&batch, attempts).await {
+                Ok(()) => self.written(&batch, live),
+                Err(f) => match f.error {
+                    SinkError::Rejected { .. } | SinkError::TooLarge { .. }
+                        if batch.readings > 1 =>
+                    {
+                        let half = batch.readings / 2;
+                        let (a, b) = batch.split_at_line(half);
+                        pending.push(b);
+                        pending.push(a);
+                    }
+                    SinkError::Rejected { status, body } => {
+                        let reason = format!("{status}: {body}");
+                        self.park(
+                            batch,
+                            Kind::RejectedBySink,
+                            reason,
+                            Some(status),
+                            f.attempts,
+                            f.first_failure_ms,
+                            previous,
+                        )
+                        .await;
+                    }
+                    SinkError::TooLarge { body } => {
+                        let reason = format!("413: {body}");
+                        self.park(
+                            batch,
+                            Kind::RejectedBySink,
+                            reason,
+                            Some(413),
+                            f.attempts,
+                            f.first_failure_ms,
+                            previous,
+                        )
+                        .await;
+                    }
+                    SinkError::Refused { status, body } => {
+                        error!(
+                            status,
+                            %body,
+                            "the sink refuses the gateway's writes: check sink.url, the token or credentials, and the bucket or database; parking the batch"
+                        );
+                        let reason = format!("{status}: {body}");
+                        self.park(
+                            batch,
+                            Kind::RefusedBySink,
+                            reason,
+                            Some(status),
+                            f.attempts,
+                            f.first_failure_ms,
+                            previous,
+                        )
+                        .await;
+                    }
+                    SinkError::Retryable { status, detail, .. } => {
+                        self.mark_down(&detail);
+                        down = true;
+                        let reason = match status {
+                            Some(s) => format!("{s}: {detail}"),
+                            None => detail,
+                        };
+                        self.park(
+                            batch,
+                            Kind::RetriesExhausted,
+                            reason,
+                            status,
+                            f.attempts,
+                            f.first_failure_ms,
+                            previous,
+                        )
+                        .await;
+                    }
+                },
+            }
+        }
+        down
+    }
+
+    async fn write_with_retries(&self, batch: &Batch, max_attempts: u32) -> Result<(), Failure> {
         let body = self.encode(&batch.body);
         let mut attempt = 0;
+        let mut first_failure_ms = None;
         loop {
             attempt += 1;
             if attempt > 1 {
@@ -87,31 +304,131 @@ impl Deliverer {
                 .sink_requests
                 .get_or_create(&Outcome { outcome })
                 .inc();
-            match result {
+            let error = match result {
                 Ok(()) => {
-                    self.metrics.sink_up.set(1);
+                    self.mark_up();
                     return Ok(());
                 }
-                Err(SinkError::Retryable {
+                Err(e) => e,
+            };
+            let first = *first_failure_ms.get_or_insert_with(dlq::now_ms);
+            match error {
+                SinkError::Retryable {
                     retry_after,
                     status,
                     detail,
-                }) if attempt < self.max_attempts
-                    && self.retrying.load(std::sync::atomic::Ordering::Relaxed) =>
-                {
-                    self.metrics.sink_up.set(0);
+                } if attempt < max_attempts && self.retrying() => {
                     let wait = self.backoff.delay(attempt, retry_after);
                     warn!(attempt, ?status, %detail, wait_ms = wait.as_millis() as u64, "write failed; retrying");
                     tokio::time::sleep(wait).await;
                 }
-                Err(e) => {
+                error => {
                     // A 400 or 413 is the sink answering about the data: it is reachable.
-                    let reachable =
-                        matches!(e, SinkError::Rejected { .. } | SinkError::TooLarge { .. });
+                    let reachable = matches!(
+                        error,
+                        SinkError::Rejected { .. } | SinkError::TooLarge { .. }
+                    );
                     self.metrics.sink_up.set(i64::from(reachable));
-                    return Err(e);
+                    return Err(Failure {
+                        error,
+                        attempts: attempt,
+                        first_failure_ms: first,
+                    });
                 }
             }
+        }
+    }
+
+    /// Parks lines in the dead-letter queue. When the queue is full or the disk fails, holds
+    /// them and keeps trying (writing to the sink again first): the writer stays busy, the
+    /// batcher and then ingest wait — push back, never a silent drop.
+    #[allow(clippy::too_many_arguments)]
+    async fn park(
+        &self,
+        batch: Batch,
+        kind: Kind,
+        reason: String,
+        status: Option<u16>,
+        attempts: u32,
+        first_failure_ms: i64,
+        previous: Option<&Meta>,
+    ) {
+        // A record written again keeps the topics it was parked with (lines do not carry them).
+        let (topics, more_topics) = match previous {
+            Some(m) => (m.topics.clone(), m.more_topics),
+            None => batch.topics(dlq::MAX_TOPICS),
+        };
+        let meta = Meta {
+            kind,
+            reason,
+            status,
+            attempts: attempts + previous.map_or(0, |m| m.attempts),
+            first_failure_ms: previous.map_or(first_failure_ms, |m| {
+                m.first_failure_ms.min(first_failure_ms)
+            }),
+            last_failure_ms: dlq::now_ms(),
+            topics,
+            more_topics,
+            readings: batch.readings,
+            content_type: None,
+        };
+        let mut held_since: Option<Instant> = None;
+        loop {
+            match self.dlq.append(meta.clone(), batch.body.clone()).await {
+                Ok(id) => {
+                    if held_since.is_some() {
+                        self.metrics.dlq_full.set(0);
+                        info!("the dead-letter queue takes records again");
+                    }
+                    warn!(id, kind = kind.as_str(), readings = batch.readings, reason = %meta.reason, "parked in the dead-letter queue");
+                    self.metrics
+                        .readings_in_flight
+                        .dec_by(i64::from(batch.readings));
+                    return;
+                }
+                Err(e) => {
+                    if held_since.is_none() {
+                        error!(error = %e, readings = batch.readings, "cannot park: holding the batch and pushing back until there is room");
+                        self.metrics.dlq_full.set(1);
+                    }
+                    let since = *held_since.get_or_insert_with(Instant::now);
+                    if !self.retrying() {
+                        error!(readings = batch.readings, held_for = ?since.elapsed(), "shutting down with a batch neither written nor parked");
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    // The sink may be back: a write frees the batch as well as room would.
+                    if kind == Kind::RetriesExhausted
+                        && self.sink.write(self.encode(&batch.body)).await.is_ok()
+                    {
+                        self.mark_up();
+                        self.metrics.dlq_full.set(0);
+                        self.written(&batch, previous.is_none());
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    fn mark_down(&self, detail: &str) {
+        self.metrics.sink_up.set(0);
+        if !self.health.down.swap(true, Ordering::Relaxed) {
+            *self.health.since.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+            error!(%detail, "the sink is down: batches go to the dead-letter queue and are written again once it answers");
+        }
+    }
+
+    fn mark_up(&self) {
+        self.metrics.sink_up.set(1);
+        if self.health.down.swap(false, Ordering::Relaxed) {
+            let since = self
+                .health
+                .since
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            info!(down_for = ?since.map(|s| s.elapsed()), "the sink is back");
         }
     }
 
@@ -135,12 +452,16 @@ impl Deliverer {
         }
     }
 
-    fn written(&self, batch: &Batch) {
-        let now = Instant::now();
-        for (received, _) in &batch.received {
-            self.metrics
-                .end_to_end_lag
-                .observe(now.duration_since(*received).as_secs_f64());
+    /// Counts a written batch; `observe_lag` for live batches (a redriven record's receive
+    /// times are not kept, and its lag would read as zero).
+    fn written(&self, batch: &Batch, observe_lag: bool) {
+        if observe_lag {
+            let now = Instant::now();
+            for origin in &batch.origins {
+                self.metrics
+                    .end_to_end_lag
+                    .observe(now.duration_since(origin.received).as_secs_f64());
+            }
         }
         self.metrics
             .readings_in_flight
@@ -148,72 +469,5 @@ impl Deliverer {
         self.metrics
             .sink_readings_written
             .inc_by(u64::from(batch.readings));
-    }
-
-    fn given_up(&self, batch: &Batch, e: &SinkError) {
-        let class = match e {
-            SinkError::Retryable { .. } => "retries_exhausted",
-            SinkError::Rejected { .. } | SinkError::TooLarge { .. } => "rejected",
-            SinkError::Refused { .. } => "refused",
-        };
-        // The dead-letter queue is not built yet: the log line is where these readings go.
-        error!(
-            readings = batch.readings,
-            class,
-            error = %e,
-            "readings NOT written: the sink did not take this batch"
-        );
-        self.metrics
-            .readings_in_flight
-            .dec_by(i64::from(batch.readings));
-        self.metrics
-            .sink_readings_failed
-            .get_or_create(&Class { class })
-            .inc_by(u64::from(batch.readings));
-    }
-}
-
-/// Splits a batch in two at a message boundary.
-fn split(batch: Batch) -> (Batch, Batch) {
-    let half = batch.received.len() / 2;
-    let (first_msgs, second_msgs) = batch.received.split_at(half);
-    let first_readings: u32 = first_msgs.iter().map(|(_, n)| n).sum();
-    // Lines end in '\n', so the cut is after the first_readings-th newline.
-    let cut = batch
-        .body
-        .iter()
-        .enumerate()
-        .filter(|(_, b)| **b == b'\n')
-        .nth(first_readings as usize - 1)
-        .map_or(batch.body.len(), |(i, _)| i + 1);
-    let a = Batch {
-        body: batch.body[..cut].to_vec(),
-        readings: first_readings,
-        received: first_msgs.to_vec(),
-    };
-    let b = Batch {
-        body: batch.body[cut..].to_vec(),
-        readings: batch.readings - first_readings,
-        received: second_msgs.to_vec(),
-    };
-    (a, b)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn split_cuts_at_a_message_boundary() {
-        let now = Instant::now();
-        let batch = Batch {
-            body: b"m a=1 1\nm a=2 2\nm a=3 3\n".to_vec(),
-            readings: 3,
-            received: vec![(now, 2), (now, 1)],
-        };
-        let (a, b) = split(batch);
-        assert_eq!(a.body, b"m a=1 1\nm a=2 2\n");
-        assert_eq!((a.readings, b.readings), (2, 1));
-        assert_eq!(b.body, b"m a=3 3\n");
     }
 }

@@ -22,6 +22,7 @@ pub mod ingest;
 pub mod line_protocol;
 pub mod metrics;
 pub mod queue;
+pub mod redrive;
 pub mod retry;
 pub mod sink;
 
@@ -45,18 +46,44 @@ pub enum RunError {
     Sink(#[from] sink::BuildError),
     #[error("mqtt.topic: {0}")]
     Topic(#[from] decode::topic::PatternError),
+    #[error("dlq.dir: {0}")]
+    Dlq(#[from] dlq::DlqError),
+}
+
+/// Opens the dead-letter queue for writing, reporting what recovery found.
+fn open_dlq(config: &Config, metrics: Arc<Metrics>) -> Result<Arc<dlq::SharedDlq>, dlq::DlqError> {
+    let options = dlq::Options {
+        max_bytes: config.dlq.max_bytes.as_u64(),
+        segment_bytes: config.dlq.segment_bytes.as_u64(),
+    };
+    let (queue, recovery) = dlq::Dlq::open(&config.dlq.dir, options, true)?;
+    for damage in &recovery.damaged {
+        error!(%damage, "dead-letter queue damage");
+    }
+    if recovery.torn_bytes > 0 {
+        warn!(
+            bytes = recovery.torn_bytes,
+            "cut a torn write from the dead-letter queue (a crash during an append)"
+        );
+    }
+    if recovery.records > 0 {
+        warn!(records = recovery.records, dir = %config.dlq.dir.display(), "the dead-letter queue holds records");
+    }
+    Ok(dlq::SharedDlq::new(queue, metrics))
 }
 
 /// Runs the gateway until `shutdown` completes, then stops taking input, flushes what it
-/// holds (for at most `shutdown.timeout`) and reports the ledger.
+/// holds (for at most `shutdown.timeout`), parks what it could not write, and reports the ledger.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<Ledger, RunError> {
     let metrics = Arc::new(Metrics::new());
     let pattern = decode::TopicPattern::parse(&config.mqtt.topic)?;
     let sink = sink::Sink::new(&config.sink)?;
+    let dead_letters = open_dlq(&config, metrics.clone())?;
     let s = &config.sink;
     let deliverer = Arc::new(deliver::Deliverer::new(
         sink,
         metrics.clone(),
+        dead_letters.clone(),
         retry::Backoff {
             initial: s.retry_initial,
             max: s.retry_max,
@@ -83,10 +110,44 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<L
     };
     let batcher = tokio::spawn(batch::run(queue_rx, limits, deliverer.clone()));
 
+    let background_stop = CancellationToken::new();
+    let redrive = config.dlq.redrive.then(|| {
+        let redrive_config = redrive::RedriveConfig {
+            interval: config.dlq.redrive_interval,
+            max_interval: s.retry_max.max(config.dlq.redrive_interval),
+            rate: config.dlq.redrive_rate,
+        };
+        let task = redrive::run(
+            deliverer.clone(),
+            dead_letters.clone(),
+            redrive_config,
+            background_stop.clone(),
+        );
+        tokio::spawn(task)
+    });
+    // The oldest record's age grows by itself: keep its gauge current.
+    tokio::spawn({
+        let (queue, stop) = (dead_letters.clone(), background_stop.clone());
+        async move {
+            let tick = std::time::Duration::from_secs(1);
+            while tokio::time::timeout(tick, stop.cancelled()).await.is_err() {
+                queue.refresh();
+            }
+        }
+    });
+
+    let rejects = (config.dlq.rejected_input_per_device > 0).then(|| {
+        ingest::rejects::Rejects::start(
+            dead_letters.clone(),
+            config.dlq.rejected_input_per_device,
+            metrics.clone(),
+        )
+    });
     let intake = ingest::Intake::new(
         decode::Decoder::new(config.limits(), pattern),
         queue_tx,
         metrics.clone(),
+        rejects,
     );
     let ingest_stop = CancellationToken::new();
     let mut ingest = match config.mqtt.mode {
@@ -114,13 +175,20 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<L
         deliverer.stop_retrying();
         let _ = tokio::time::timeout(s.timeout * 2, &mut batcher).await;
     }
+    background_stop.cancel();
+    if let Some(redrive) = redrive {
+        // A record being redriven is finished, not cut: at most one write per part.
+        let _ = tokio::time::timeout(s.timeout * 2, redrive).await;
+    }
+    dead_letters.refresh();
     let ledger = metrics.ledger();
-    let unwritten = ledger.failed + ledger.queued + ledger.in_flight;
-    if unwritten > 0 {
+    if ledger.queued + ledger.in_flight > 0 {
         error!(
             ?ledger,
-            unwritten, "stopped with readings NOT written to the sink"
+            "stopped with readings neither written nor parked (see the errors above)"
         );
+    } else if ledger.in_dlq > 0 {
+        warn!(?ledger, dlq = %config.dlq.dir.display(), "stopped; some readings wait in the dead-letter queue");
     } else {
         info!(?ledger, "stopped: every accepted reading was written");
     }

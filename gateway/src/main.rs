@@ -32,6 +32,44 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// The dead-letter queue: list, show, replay or purge what could not be written.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+        /// The same configuration as `run` (it says where the queue and the sink are).
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long, global = true)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// List the records, oldest first (works while the gateway runs).
+    List,
+    /// Show one record with its data.
+    Show { id: String },
+    /// Write records to the sink again; what cannot be written stays. Needs the queue's lock:
+    /// stop the gateway first (it redrives retries_exhausted records by itself).
+    Replay {
+        ids: Vec<String>,
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+        /// Say what would be replayed, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Records a second, at most.
+        #[arg(long, default_value_t = 50)]
+        rate: u32,
+    },
+    /// Delete records for good. Needs the queue's lock: stop the gateway first.
+    Purge {
+        ids: Vec<String>,
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -51,6 +89,20 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Dlq {
+            command,
+            config,
+            json,
+        } => {
+            let config = match Config::load(config.as_deref()) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            dlq_command(&config, command, json)
+        }
         Command::Run { config } => {
             let config = match Config::load(config.as_deref()) {
                 Ok(c) => c,
@@ -76,6 +128,140 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+fn dlq_command(config: &Config, command: DlqCommand, json: bool) -> ExitCode {
+    use gateway::dlq::replay::{self, Selection};
+    let selection = |ids: Vec<String>, all: bool| {
+        if all {
+            Selection::All
+        } else {
+            Selection::Ids(ids)
+        }
+    };
+    let result = match command {
+        DlqCommand::List => replay::list(config).map(|records| {
+            if json {
+                print_json(&records);
+            } else if records.is_empty() {
+                println!(
+                    "the dead-letter queue at {} is empty",
+                    config.dlq.dir.display()
+                );
+            } else {
+                println!(
+                    "{:<16} {:<18} {:>8} {:>8}  {:<24}  {:<28}  REASON",
+                    "ID", "KIND", "READINGS", "ATTEMPTS", "FIRST FAILURE", "TOPIC"
+                );
+                for r in &records {
+                    let topic = r.topics.first().map_or("", String::as_str);
+                    let reason: String = r.reason.chars().take(80).collect();
+                    println!(
+                        "{:<16} {:<18} {:>8} {:>8}  {:<24}  {:<28}  {}",
+                        r.id,
+                        r.kind.as_str(),
+                        r.readings,
+                        r.attempts,
+                        r.first_failure,
+                        topic,
+                        reason
+                    );
+                }
+                let readings: u64 = records.iter().map(|r| u64::from(r.readings)).sum();
+                println!("{} records, {readings} readings", records.len());
+            }
+            ExitCode::SUCCESS
+        }),
+        DlqCommand::Show { id } => replay::show(config, &id).map(|shown| {
+            if json {
+                print_json(&shown);
+            } else {
+                let r = &shown.record;
+                println!(
+                    "id:            {}\nkind:          {}\nreadings:      {}\nattempts:      {}",
+                    r.id,
+                    r.kind.as_str(),
+                    r.readings,
+                    r.attempts
+                );
+                println!(
+                    "first failure: {}\nlast failure:  {}\nstatus:        {}",
+                    r.first_failure,
+                    r.last_failure,
+                    r.status.map_or("-".into(), |s| s.to_string())
+                );
+                println!(
+                    "reason:        {}\ntopics:        {}{}",
+                    r.reason,
+                    r.topics.join(", "),
+                    if r.more_topics > 0 {
+                        format!(" and {} more", r.more_topics)
+                    } else {
+                        String::new()
+                    }
+                );
+                match (&shown.data, &shown.data_hex) {
+                    (Some(text), _) => println!("data:\n{text}"),
+                    (None, Some(hex)) => println!("data (hex):\n{hex}"),
+                    (None, None) => {}
+                }
+            }
+            ExitCode::SUCCESS
+        }),
+        DlqCommand::Replay {
+            ids,
+            all,
+            dry_run,
+            rate,
+        } => {
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            runtime.block_on(replay::replay(config, selection(ids, all), dry_run, rate)).map(|report| {
+                if json {
+                    print_json(&report);
+                } else {
+                    for l in &report.lines {
+                        println!("{:<16} {:<18} {:>8}  {}{}", l.id, l.kind.as_str(), l.readings, l.outcome,
+                            l.detail.as_ref().map_or(String::new(), |d| format!(": {d}")));
+                    }
+                    println!(
+                        "{} records: {} readings written, {} parked again, {} records left in the queue",
+                        report.records, report.written_readings, report.parked_again_readings, report.left
+                    );
+                }
+                if report.left > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS }
+            })
+        }
+        DlqCommand::Purge { ids, all } => {
+            replay::purge(config, selection(ids, all)).map(|report| {
+                if json {
+                    print_json(&report);
+                } else {
+                    println!(
+                        "purged {} records ({} readings)",
+                        report.records, report.readings
+                    );
+                }
+                ExitCode::SUCCESS
+            })
+        }
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(2)
+    })
+}
+
+fn print_json(value: &impl serde::Serialize) {
+    match serde_json::to_string_pretty(value) {
+        Ok(text) => println!("{text}"),
+        Err(e) => eprintln!("error: {e}"),
     }
 }
 

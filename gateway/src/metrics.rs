@@ -1,10 +1,8 @@
 //! Self-metrics (CONTRACT §4 names) and the ledger they prove.
 //!
-//! Ledger: `readings accepted = written + given up + queued + in flight`, at every instant a
-//! scrape can see (each reading moves between the right-hand terms with one counter step in the
-//! same task that moves it). "Given up" is a batch whose bounded retries ran out or that the
-//! sink refused; until the dead-letter queue exists each such reading is logged with the
-//! sink's reason and counted in `gateway_sink_readings_failed_total{class}`.
+//! Ledger ([`Ledger`]): `accepted + inherited = written + in the DLQ + queued + in flight`.
+//! Each reading moves between the right-hand terms with counter steps in the task that moves it,
+//! so a scrape sees the ledger balanced up to the reading being moved at that instant.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -12,6 +10,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Reason {
@@ -24,8 +23,8 @@ pub struct Outcome {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct Class {
-    pub class: &'static str,
+pub struct KindLabel {
+    pub kind: &'static str,
 }
 
 pub struct Metrics {
@@ -41,7 +40,16 @@ pub struct Metrics {
     pub readings_in_flight: Gauge,
     pub batch_readings: Histogram,
     pub sink_readings_written: Counter,
-    pub sink_readings_failed: Family<Class, Counter>,
+    pub dlq_records: Gauge,
+    pub dlq_readings: Gauge,
+    pub dlq_rejected_inputs: Gauge,
+    pub dlq_bytes: Gauge,
+    pub dlq_oldest_age_seconds: Gauge<f64, AtomicU64>,
+    pub dlq_inherited_readings: Gauge,
+    pub dlq_parked_readings: Family<KindLabel, Counter>,
+    pub dlq_redriven_readings: Counter,
+    pub dlq_full: Gauge,
+    pub dlq_rejected_input_skipped: Counter,
     pub sink_requests: Family<Outcome, Counter>,
     pub sink_retries: Counter,
     pub sink_request_duration: Histogram,
@@ -67,7 +75,16 @@ impl Metrics {
             readings_in_flight: Gauge::default(),
             batch_readings: Histogram::new(exponential_buckets(1.0, 4.0, 9)),
             sink_readings_written: Counter::default(),
-            sink_readings_failed: Family::default(),
+            dlq_records: Gauge::default(),
+            dlq_readings: Gauge::default(),
+            dlq_rejected_inputs: Gauge::default(),
+            dlq_bytes: Gauge::default(),
+            dlq_oldest_age_seconds: Gauge::default(),
+            dlq_inherited_readings: Gauge::default(),
+            dlq_parked_readings: Family::default(),
+            dlq_redriven_readings: Counter::default(),
+            dlq_full: Gauge::default(),
+            dlq_rejected_input_skipped: Counter::default(),
             sink_requests: Family::default(),
             sink_retries: Counter::default(),
             sink_request_duration: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
@@ -135,9 +152,54 @@ impl Metrics {
             m.sink_readings_written.clone(),
         );
         r.register(
-            "gateway_sink_readings_failed",
-            "Readings given up on after the sink refused them or retries ran out, by class",
-            m.sink_readings_failed.clone(),
+            "gateway_dlq_records",
+            "Records in the dead-letter queue",
+            m.dlq_records.clone(),
+        );
+        r.register(
+            "gateway_dlq_readings",
+            "Accepted readings in the dead-letter queue (rejected input not included)",
+            m.dlq_readings.clone(),
+        );
+        r.register(
+            "gateway_dlq_rejected_inputs",
+            "Rejected payloads kept in the dead-letter queue",
+            m.dlq_rejected_inputs.clone(),
+        );
+        r.register(
+            "gateway_dlq_bytes",
+            "Bytes of the dead-letter queue's files",
+            m.dlq_bytes.clone(),
+        );
+        r.register(
+            "gateway_dlq_oldest_age_seconds",
+            "Age of the oldest dead-letter record's first failure",
+            m.dlq_oldest_age_seconds.clone(),
+        );
+        r.register(
+            "gateway_dlq_inherited_readings",
+            "Accepted readings that were in the dead-letter queue when this process started",
+            m.dlq_inherited_readings.clone(),
+        );
+        r.register(
+            "gateway_dlq_parked_readings",
+            "Readings parked in the dead-letter queue, by kind (rejected input: payloads)",
+            m.dlq_parked_readings.clone(),
+        );
+        r.register(
+            "gateway_dlq_redriven_readings",
+            "Readings written from the dead-letter queue by automatic redrive",
+            m.dlq_redriven_readings.clone(),
+        );
+        r.register(
+            "gateway_dlq_full",
+            "1 while the dead-letter queue is at dlq.max_bytes and writers hold their batches",
+            m.dlq_full.clone(),
+        );
+        r.register(
+            "gateway_dlq_rejected_input_skipped",
+            "Rejected payloads not kept because their device was over its dead-letter allowance",
+            m.dlq_rejected_input_skipped.clone(),
         );
         r.register(
             "gateway_sink_requests",
@@ -204,18 +266,11 @@ impl Metrics {
 
     /// The ledger's terms, for logs and the shutdown report.
     pub fn ledger(&self) -> Ledger {
-        let failed = ["refused", "rejected", "retries_exhausted"]
-            .iter()
-            .map(|class| {
-                self.sink_readings_failed
-                    .get_or_create(&Class { class })
-                    .get()
-            })
-            .sum();
         Ledger {
             accepted: self.readings_accepted.get(),
+            inherited: self.dlq_inherited_readings.get().max(0) as u64,
             written: self.sink_readings_written.get(),
-            failed,
+            in_dlq: self.dlq_readings.get().max(0) as u64,
             queued: self.queue_readings.get().max(0) as u64,
             in_flight: self.readings_in_flight.get().max(0) as u64,
         }
@@ -228,17 +283,26 @@ impl Default for Metrics {
     }
 }
 
+/// `accepted + inherited = written + in_dlq + queued + in_flight`: every reading this process
+/// accepted, plus those it found in the dead-letter queue at start, is written, parked, or
+/// still on its way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ledger {
     pub accepted: u64,
+    pub inherited: u64,
     pub written: u64,
-    pub failed: u64,
+    pub in_dlq: u64,
     pub queued: u64,
     pub in_flight: u64,
 }
 
 impl Ledger {
     pub fn balanced(&self) -> bool {
-        self.accepted == self.written + self.failed + self.queued + self.in_flight
+        self.accepted + self.inherited == self.written + self.in_dlq + self.queued + self.in_flight
+    }
+
+    /// Readings of this process not (yet) in the sink.
+    pub fn unwritten(&self) -> u64 {
+        self.in_dlq + self.queued + self.in_flight
     }
 }

@@ -19,6 +19,8 @@ pub struct Chunk {
     pub readings: u32,
     /// When the gateway took the message from the broker: the start of end-to-end lag.
     pub received: Instant,
+    /// The message's topic, for dead-letter records.
+    pub topic: Arc<str>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -147,6 +149,7 @@ mod tests {
             lines: vec![b'x'; bytes],
             readings,
             received: Instant::now(),
+            topic: "telemetry/d/m".into(),
         }
     }
 

@@ -47,7 +47,7 @@ impl Format {
         match self {
             Format::Cbor => Encoding::Cbor,
             Format::Json => Encoding::Json,
-            Format::Mixed if message % 2 == 0 => Encoding::Cbor,
+            Format::Mixed if message.is_multiple_of(2) => Encoding::Cbor,
             Format::Mixed => Encoding::Json,
         }
     }

@@ -119,11 +119,7 @@ fn assert_ledger(m: &HashMap<String, f64>, accepted: f64) {
     );
     assert_eq!(g("gateway_queue_readings"), 0.0);
     assert_eq!(g("gateway_readings_in_flight"), 0.0);
-    assert_eq!(
-        sum(m, "gateway_sink_readings_failed_total"),
-        0.0,
-        "nothing given up"
-    );
+    assert_eq!(g("gateway_dlq_readings"), 0.0, "nothing parked");
     assert_eq!(
         sum(m, "gateway_readings_rejected_total"),
         0.0,
@@ -385,7 +381,7 @@ async fn bad_input_is_refused_by_reason_while_good_devices_flow() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn unreachable_sink_is_counted_not_silent() {
+async fn unreachable_sink_parks_everything_in_the_dlq() {
     // Nothing listens on this port: every write fails to connect.
     let dead = format!("http://127.0.0.1:{}", free_port());
     let gw = Gateway::start(&[
@@ -416,9 +412,10 @@ async fn unreachable_sink_is_counted_not_silent() {
         0.0
     );
     assert_eq!(
-        m["gateway_sink_readings_failed_total{class=\"retries_exhausted\"}"],
+        m["gateway_dlq_parked_readings_total{kind=\"retries_exhausted\"}"],
         50.0
     );
+    assert_eq!(m["gateway_dlq_readings"], 50.0, "parked, not gone");
     assert!(m["gateway_sink_retries_total"] >= 1.0);
     let ready = http()
         .get(format!("{}/readyz", gw.admin))
@@ -430,7 +427,7 @@ async fn unreachable_sink_is_counted_not_silent() {
         503,
         "not ready while the sink is unreachable"
     );
-    assert!(gw.logs().contains("readings NOT written"));
+    assert!(gw.logs().contains("the sink is down"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

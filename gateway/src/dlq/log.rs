@@ -598,6 +598,7 @@ mod tests {
             topics: vec!["telemetry/d1/env".into()],
             more_topics: 0,
             readings,
+            content_type: None,
         }
     }
 

@@ -4,10 +4,13 @@
 
 pub mod format;
 pub mod log;
+pub mod replay;
+pub mod shared;
 
 use serde::{Deserialize, Serialize};
 
-pub use log::{Dlq, Entry, Recovery, Stats};
+pub use log::{Dlq, Entry, Options, Recovery, Stats};
+pub use shared::SharedDlq;
 
 /// Why a record is in the queue, and so what happens to it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -68,6 +71,9 @@ pub struct Meta {
     pub more_topics: u32,
     /// Readings in `data` (for rejected input: 1 per payload, whose readings were unreadable).
     pub readings: u32,
+    /// The MQTT 5 content type a rejected payload came with, so a replay decodes it the same way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<String>,
 }
 
 /// Topics named in one record; a batch from thousands of devices lists the first ones.

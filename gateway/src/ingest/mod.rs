@@ -4,6 +4,7 @@
 //! rejection by reason, and push the accepted lines onto the bounded queue (waiting when full).
 
 pub mod embedded;
+pub mod rejects;
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -38,16 +39,24 @@ pub struct Intake {
     decoder: Decoder,
     queue: QueueTx,
     metrics: Arc<Metrics>,
+    rejects: Option<rejects::Rejects>,
     log_window: Instant,
     logged: u32,
 }
 
 impl Intake {
-    pub fn new(decoder: Decoder, queue: QueueTx, metrics: Arc<Metrics>) -> Self {
+    /// `rejects`, when given, keeps refused payloads in the dead-letter queue.
+    pub fn new(
+        decoder: Decoder,
+        queue: QueueTx,
+        metrics: Arc<Metrics>,
+        rejects: Option<rejects::Rejects>,
+    ) -> Self {
         Self {
             decoder,
             queue,
             metrics,
+            rejects,
             log_window: Instant::now(),
             logged: 0,
         }
@@ -80,18 +89,52 @@ impl Intake {
                 for e in &outcome.rejected {
                     self.rejected(e, topic, false);
                 }
+                if !outcome.rejected.is_empty() {
+                    let reasons: Vec<String> = outcome
+                        .rejected
+                        .iter()
+                        .take(8)
+                        .map(|e| format!("{}: {e}", e.reason()))
+                        .collect();
+                    let n = outcome.rejected.len() as u32;
+                    self.keep(topic, payload, content_type, reasons.join("; "), n);
+                }
                 if outcome.accepted > 0 {
                     let chunk = Chunk {
                         lines,
                         readings: outcome.accepted,
                         received,
+                        topic: topic.into(),
                     };
                     self.queue.push(chunk).await?;
                 }
             }
-            Err(e) => self.rejected(&e, topic, true),
+            Err(e) => {
+                self.rejected(&e, topic, true);
+                self.keep(
+                    topic,
+                    payload,
+                    content_type,
+                    format!("{}: {e}", e.reason()),
+                    1,
+                );
+            }
         }
         Ok(())
+    }
+
+    fn keep(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        content_type: Option<&str>,
+        reason: String,
+        readings: u32,
+    ) {
+        if let Some(rejects) = self.rejects.as_mut() {
+            let device = self.decoder.device_of(topic);
+            rejects.keep(device, topic, payload, content_type, reason, readings);
+        }
     }
 
     fn rejected(&mut self, e: &DecodeError, topic: &str, whole: bool) {

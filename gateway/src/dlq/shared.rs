@@ -1,0 +1,121 @@
+//! The dead-letter queue as the running gateway shares it: one [`Dlq`] behind a mutex, its disk
+//! work on the blocking pool, its gauges kept current.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::{Dlq, DlqError, Kind, Meta};
+use crate::metrics::{KindLabel, Metrics};
+
+pub struct SharedDlq {
+    dlq: Mutex<Dlq>,
+    metrics: Arc<Metrics>,
+    /// Accepted readings of records being redriven right now: counted in flight, not in the
+    /// queue, so the ledger balances while a record is between the two.
+    redriving: AtomicU64,
+}
+
+impl SharedDlq {
+    pub fn new(dlq: Dlq, metrics: Arc<Metrics>) -> Arc<Self> {
+        let inherited = dlq.stats().accepted_readings;
+        metrics.dlq_inherited_readings.set(inherited as i64);
+        let shared = Arc::new(Self {
+            dlq: Mutex::new(dlq),
+            metrics,
+            redriving: AtomicU64::new(0),
+        });
+        shared.refresh();
+        shared
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Dlq> {
+        // A panic while holding the lock leaves the index as it was before the failed call
+        // (appends and deletes update it only after the disk did), so it is safe to go on.
+        self.dlq
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Appends durably (on the blocking pool) and counts it.
+    pub async fn append(self: &Arc<Self>, meta: Meta, data: Vec<u8>) -> Result<String, DlqError> {
+        let this = self.clone();
+        let kind = meta.kind;
+        let readings = meta.readings;
+        let id = tokio::task::spawn_blocking(move || this.lock().append(&meta, &data))
+            .await
+            .map_err(|e| DlqError::Io {
+                path: "dlq".into(),
+                source: std::io::Error::other(e),
+            })??;
+        self.metrics
+            .dlq_parked_readings
+            .get_or_create(&KindLabel {
+                kind: kind.as_str(),
+            })
+            .inc_by(u64::from(readings));
+        self.refresh();
+        Ok(id)
+    }
+
+    pub async fn delete(self: &Arc<Self>, ids: Vec<String>) -> Result<(), DlqError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.lock().delete(&ids))
+            .await
+            .map_err(|e| DlqError::Io {
+                path: "dlq".into(),
+                source: std::io::Error::other(e),
+            })??;
+        self.refresh();
+        Ok(())
+    }
+
+    pub async fn read(self: &Arc<Self>, id: String) -> Result<(Meta, Vec<u8>), DlqError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.lock().read(&id))
+            .await
+            .map_err(|e| DlqError::Io {
+                path: "dlq".into(),
+                source: std::io::Error::other(e),
+            })?
+    }
+
+    /// Ids of the oldest records of `kind`, at most `limit`.
+    pub fn oldest(&self, kind: Kind, limit: usize) -> Vec<(String, u32)> {
+        self.lock()
+            .entries()
+            .filter(|e| e.meta.kind == kind)
+            .take(limit)
+            .map(|e| (e.id.clone(), e.meta.readings))
+            .collect()
+    }
+
+    /// Moves a record's readings from "in the queue" to "in flight" for the ledger.
+    pub fn begin_redrive(&self, readings: u32) {
+        self.redriving
+            .fetch_add(u64::from(readings), Ordering::Relaxed);
+        self.metrics.readings_in_flight.inc_by(i64::from(readings));
+        self.refresh();
+    }
+
+    pub fn end_redrive(&self, readings: u32) {
+        self.redriving
+            .fetch_sub(u64::from(readings), Ordering::Relaxed);
+        self.refresh();
+    }
+
+    /// Sets the DLQ gauges from the queue's own counts.
+    pub fn refresh(&self) {
+        let s = self.lock().stats();
+        let m = &self.metrics;
+        m.dlq_records.set(s.records as i64);
+        let redriving = self.redriving.load(Ordering::Relaxed);
+        m.dlq_readings
+            .set(s.accepted_readings.saturating_sub(redriving) as i64);
+        m.dlq_rejected_inputs.set(s.rejected_inputs as i64);
+        m.dlq_bytes.set(s.disk_bytes as i64);
+        let age = s
+            .oldest_failure_ms
+            .map_or(0.0, |t| (super::now_ms() - t).max(0) as f64 / 1000.0);
+        m.dlq_oldest_age_seconds.set(age);
+    }
+}
