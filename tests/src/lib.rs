@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+pub mod proxy;
+
 pub const INSTALL: &str =
     "sudo apt-get install -y --no-install-recommends victoria-metrics influxdb mosquitto \
      (or run ./scripts/test.sh, which installs them)";
@@ -65,18 +67,36 @@ impl Drop for Proc {
 /// VictoriaMetrics: takes InfluxDB v2 writes, is read back with `/api/v1/export`.
 pub struct VictoriaMetrics {
     pub url: String,
-    _proc: Proc,
-    _dir: tempfile::TempDir,
+    port: u16,
+    proc: Option<Proc>,
+    dir: tempfile::TempDir,
 }
 
 impl VictoriaMetrics {
     pub async fn start() -> Self {
-        let bin = require("victoria-metrics");
         let dir = tempfile::tempdir().expect("temp dir");
-        let port = free_port();
+        let mut vm = Self {
+            url: String::new(),
+            port: free_port(),
+            proc: None,
+            dir,
+        };
+        vm.url = format!("http://127.0.0.1:{}", vm.port);
+        vm.restart().await;
+        vm
+    }
+
+    /// Stops the server (SIGKILL: an outage, not a shutdown). Its data stays.
+    pub fn stop(&mut self) {
+        self.proc = None;
+    }
+
+    /// Starts the server again on the same port and data.
+    pub async fn restart(&mut self) {
+        let bin = require("victoria-metrics");
         let child = Command::new(bin)
-            .arg(format!("-httpListenAddr=127.0.0.1:{port}"))
-            .arg(format!("-storageDataPath={}", dir.path().display()))
+            .arg(format!("-httpListenAddr=127.0.0.1:{}", self.port))
+            .arg(format!("-storageDataPath={}", self.dir.path().display()))
             .arg("-retentionPeriod=100y")
             .arg("-search.latencyOffset=0s")
             .arg("-search.disableCache")
@@ -84,16 +104,11 @@ impl VictoriaMetrics {
             .stderr(Stdio::null())
             .spawn()
             .expect("victoria-metrics starts");
-        let url = format!("http://127.0.0.1:{port}");
-        let vm = Self {
-            url,
-            _proc: Proc {
-                child,
-                name: "victoria-metrics",
-            },
-            _dir: dir,
-        };
-        let health = format!("{}/health", vm.url);
+        self.proc = Some(Proc {
+            child,
+            name: "victoria-metrics",
+        });
+        let health = format!("{}/health", self.url);
         eventually(
             Duration::from_secs(20),
             "victoria-metrics ready",
@@ -103,7 +118,6 @@ impl VictoriaMetrics {
             },
         )
         .await;
-        vm
     }
 
     /// Every series matching `selector`, flushed first so recent writes are visible.
@@ -243,6 +257,8 @@ pub struct Gateway {
     pub admin: String,
     pub log: PathBuf,
     pub dir: tempfile::TempDir,
+    /// The overrides it was started with (DLQ commands use the same configuration).
+    pub env: Vec<(String, String)>,
 }
 
 impl Gateway {
@@ -272,6 +288,11 @@ impl Gateway {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("gateway starts");
+        let mut all_env: Vec<(String, String)> = vec![(
+            "GATEWAY_DLQ__DIR".into(),
+            dir.path().join("dlq").display().to_string(),
+        )];
+        all_env.extend(env.iter().map(|(k, v)| (k.to_string(), v.clone())));
         let gw = Self {
             proc: Proc {
                 child,
@@ -282,6 +303,7 @@ impl Gateway {
             admin: format!("http://127.0.0.1:{admin_port}"),
             log,
             dir,
+            env: all_env,
         };
         let health = format!("{}/healthz", gw.admin);
         eventually(Duration::from_secs(20), "gateway /healthz", || async {
@@ -360,6 +382,24 @@ impl Gateway {
 
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs `gateway dlq <args> --json` with this gateway's configuration; returns the exit
+    /// code, the parsed JSON (Null when there was none) and stderr.
+    pub fn dlq(&self, args: &[&str]) -> (i32, serde_json::Value, String) {
+        let mut cmd = Command::new(gateway_binary());
+        cmd.arg("dlq").args(args).arg("--json").env_clear();
+        cmd.env("PATH", std::env::var("PATH").unwrap_or_default());
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().expect("gateway dlq runs");
+        let json = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        (
+            out.status.code().unwrap_or(-1),
+            json,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     }
 }
 
