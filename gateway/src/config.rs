@@ -174,6 +174,8 @@ pub struct DlqConfig {
     pub redrive_interval: Duration,
     pub redrive_rate: u32,
     pub rejected_input_per_device: u32,
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -125,12 +125,18 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<L
         );
         tokio::spawn(task)
     });
-    // The oldest record's age grows by itself: keep its gauge current.
+    // The oldest record's age grows by itself: keep its gauge current, and apply retention.
     tokio::spawn({
         let (queue, stop) = (dead_letters.clone(), background_stop.clone());
+        let retention = config.dlq.retention;
         async move {
             let tick = std::time::Duration::from_secs(1);
             while tokio::time::timeout(tick, stop.cancelled()).await.is_err() {
+                if !retention.is_zero() {
+                    if let Err(e) = queue.expire(retention).await {
+                        error!(error = %e, "cannot apply dlq.retention");
+                    }
+                }
                 queue.refresh();
             }
         }

@@ -1,6 +1,6 @@
 //! Self-metrics (CONTRACT §4 names) and the ledger they prove.
 //!
-//! Ledger ([`Ledger`]): `accepted + inherited = written + in the DLQ + queued + in flight`.
+//! Ledger ([`Ledger`]): `accepted + inherited = written + in the DLQ + expired + queued + in flight`.
 //! Each reading moves between the right-hand terms with counter steps in the task that moves it,
 //! so a scrape sees the ledger balanced up to the reading being moved at that instant.
 
@@ -49,6 +49,7 @@ pub struct Metrics {
     pub dlq_parked_readings: Family<KindLabel, Counter>,
     pub dlq_redriven_readings: Counter,
     pub dlq_full: Gauge,
+    pub dlq_expired_readings: Counter,
     pub dlq_rejected_input_skipped: Counter,
     pub sink_requests: Family<Outcome, Counter>,
     pub sink_retries: Counter,
@@ -84,6 +85,7 @@ impl Metrics {
             dlq_parked_readings: Family::default(),
             dlq_redriven_readings: Counter::default(),
             dlq_full: Gauge::default(),
+            dlq_expired_readings: Counter::default(),
             dlq_rejected_input_skipped: Counter::default(),
             sink_requests: Family::default(),
             sink_retries: Counter::default(),
@@ -197,6 +199,11 @@ impl Metrics {
             m.dlq_full.clone(),
         );
         r.register(
+            "gateway_dlq_expired_readings",
+            "Accepted readings deleted from the dead-letter queue by dlq.retention",
+            m.dlq_expired_readings.clone(),
+        );
+        r.register(
             "gateway_dlq_rejected_input_skipped",
             "Rejected payloads not kept because their device was over its dead-letter allowance",
             m.dlq_rejected_input_skipped.clone(),
@@ -271,6 +278,7 @@ impl Metrics {
             inherited: self.dlq_inherited_readings.get().max(0) as u64,
             written: self.sink_readings_written.get(),
             in_dlq: self.dlq_readings.get().max(0) as u64,
+            expired: self.dlq_expired_readings.get(),
             queued: self.queue_readings.get().max(0) as u64,
             in_flight: self.readings_in_flight.get().max(0) as u64,
         }
@@ -283,26 +291,23 @@ impl Default for Metrics {
     }
 }
 
-/// `accepted + inherited = written + in_dlq + queued + in_flight`: every reading this process
-/// accepted, plus those it found in the dead-letter queue at start, is written, parked, or
-/// still on its way.
+/// `accepted + inherited = written + in_dlq + expired + queued + in_flight`: every reading this
+/// process accepted, plus those it found in the dead-letter queue at start, is written, parked,
+/// deleted by the retention the operator set, or still on its way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ledger {
     pub accepted: u64,
     pub inherited: u64,
     pub written: u64,
     pub in_dlq: u64,
+    pub expired: u64,
     pub queued: u64,
     pub in_flight: u64,
 }
 
 impl Ledger {
     pub fn balanced(&self) -> bool {
-        self.accepted + self.inherited == self.written + self.in_dlq + self.queued + self.in_flight
-    }
-
-    /// Readings of this process not (yet) in the sink.
-    pub fn unwritten(&self) -> u64 {
-        self.in_dlq + self.queued + self.in_flight
+        self.accepted + self.inherited
+            == self.written + self.in_dlq + self.expired + self.queued + self.in_flight
     }
 }

@@ -443,3 +443,121 @@ async fn rejected_input_is_kept_within_a_per_device_allowance() {
         "{shown}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_token_is_parked_with_the_sinks_answer_and_replayed() {
+    let vm = VictoriaMetrics::start().await;
+    let proxy = FaultProxy::start(&vm.url).await;
+    proxy.set(Fault::Status(401, None));
+    let mut gw = Gateway::start(&[
+        ("GATEWAY_SINK__URL", proxy.url.clone()),
+        ("GATEWAY_SINK__TOKEN", "wrong-token".into()),
+    ])
+    .await;
+    publish_fleet(gw.mqtt_port, fleet(3, 10, 10, "token")).await;
+    let m = eventually(Duration::from_secs(30), "parked", || async {
+        let m = gw.metrics().await?;
+        anyhow::ensure!(
+            g(&m, "gateway_dlq_readings") == 300.0,
+            "{}",
+            g(&m, "gateway_dlq_readings")
+        );
+        Ok(m)
+    })
+    .await;
+    assert_eq!(
+        g(
+            &m,
+            "gateway_dlq_parked_readings_total{kind=\"refused_by_sink\"}"
+        ),
+        300.0
+    );
+    assert_eq!(g(&m, "gateway_sink_up"), 0.0, "refused: not ready");
+    let (_, listed, _) = gw.dlq(&["list"]);
+    assert!(
+        listed[0]["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("fault injected"),
+        "the sink's body: {listed}"
+    );
+    assert!(
+        !gw.logs().contains("wrong-token"),
+        "the token never reaches the logs"
+    );
+    assert!(gw.terminate().success());
+    // Fixed: the proxy lets requests through again.
+    proxy.set(Fault::Pass);
+    let (code, report, err) = gw.dlq(&["replay", "--all"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(report["written_readings"], 300);
+    assert_eq!(vm_count(&vm, "token", 300).await, 300);
+    let (_, listed, _) = gw.dlq(&["list"]);
+    assert_eq!(listed, serde_json::json!([]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_dlq_pushes_back_and_loses_nothing() {
+    let mut vm = VictoriaMetrics::start().await;
+    let gw = Gateway::start(&[
+        ("GATEWAY_SINK__URL", vm.url.clone()),
+        ("GATEWAY_SINK__TIMEOUT", "1s".into()),
+        ("GATEWAY_SINK__MAX_ATTEMPTS", "1".into()),
+        ("GATEWAY_BATCH__MAX_READINGS", "500".into()),
+        ("GATEWAY_DLQ__MAX_BYTES", "128KiB".into()),
+        ("GATEWAY_DLQ__SEGMENT_BYTES", "64KiB".into()),
+    ])
+    .await;
+    vm.stop();
+    // About 1.4 MB of line protocol: ten times what the DLQ may hold.
+    publish_fleet(gw.mqtt_port, fleet(20, 100, 10, "full")).await;
+    let m = eventually(
+        Duration::from_secs(30),
+        "DLQ full, writers holding",
+        || async {
+            let m = gw.metrics().await?;
+            anyhow::ensure!(g(&m, "gateway_dlq_full") == 1.0, "not full yet");
+            Ok(m)
+        },
+    )
+    .await;
+    assert!(
+        g(&m, "gateway_dlq_bytes") <= 128.0 * 1024.0,
+        "the cap holds"
+    );
+    assert!(
+        g(&m, "gateway_queue_readings") + g(&m, "gateway_readings_in_flight") > 0.0,
+        "what does not fit is held, not dropped"
+    );
+    assert!(gw.logs().contains("cannot park: holding the batch"));
+    vm.restart().await;
+    let m = settled(&gw, 20_000.0).await;
+    assert_eq!(g(&m, "gateway_dlq_full"), 0.0);
+    assert_eq!(vm_count(&vm, "full", 20_000).await, 20_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retention_deletes_old_records_and_counts_them() {
+    let gw = Gateway::start(&[
+        (
+            "GATEWAY_SINK__URL",
+            format!("http://127.0.0.1:{}", free_port()),
+        ),
+        ("GATEWAY_SINK__MAX_ATTEMPTS", "1".into()),
+        ("GATEWAY_DLQ__RETENTION", "2s".into()),
+    ])
+    .await;
+    publish_fleet(gw.mqtt_port, fleet(2, 5, 10, "old")).await;
+    let m = eventually(Duration::from_secs(30), "expired", || async {
+        let m = gw.metrics().await?;
+        anyhow::ensure!(
+            g(&m, "gateway_dlq_expired_readings_total") == 100.0,
+            "{}",
+            g(&m, "gateway_dlq_expired_readings_total")
+        );
+        Ok(m)
+    })
+    .await;
+    assert_eq!(g(&m, "gateway_dlq_records"), 0.0);
+    assert!(gw.logs().contains("passed dlq.retention"));
+}

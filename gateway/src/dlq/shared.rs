@@ -103,6 +103,36 @@ impl SharedDlq {
         self.refresh();
     }
 
+    /// Deletes records whose first failure is older than `retention`, and says so.
+    pub async fn expire(self: &Arc<Self>, retention: std::time::Duration) -> Result<(), DlqError> {
+        let cutoff = super::now_ms()
+            .saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX));
+        let expired: Vec<(String, Kind, u32)> = self
+            .lock()
+            .entries()
+            .take_while(|e| e.meta.first_failure_ms < cutoff)
+            .map(|e| (e.id.clone(), e.meta.kind, e.meta.readings))
+            .collect();
+        if expired.is_empty() {
+            return Ok(());
+        }
+        let readings: u64 = expired
+            .iter()
+            .filter(|(_, k, _)| k.accepted())
+            .map(|(_, _, n)| u64::from(*n))
+            .sum();
+        let records = expired.len();
+        self.delete(expired.into_iter().map(|(id, _, _)| id).collect())
+            .await?;
+        self.metrics.dlq_expired_readings.inc_by(readings);
+        tracing::warn!(
+            records,
+            readings,
+            "dead-letter records passed dlq.retention and were deleted"
+        );
+        Ok(())
+    }
+
     /// Sets the DLQ gauges from the queue's own counts.
     pub fn refresh(&self) {
         let s = self.lock().stats();
