@@ -55,7 +55,7 @@ status=0
 
 echo
 echo "gateway counters:"
-curl -fsS "http://$ADMIN/metrics" | grep -E '^gateway_(messages_received|readings_accepted|readings_rejected|sink_readings_written|sink_readings_failed|broker_dropped|queue_readings|readings_in_flight)' || true
+curl -fsS "http://$ADMIN/metrics" | grep -E '^gateway_(messages_received|readings_accepted|readings_rejected|sink_readings_written|dlq_readings|dlq_records|broker_dropped|queue_readings|readings_in_flight)' || true
 kill -TERM "$gateway_pid" 2>/dev/null || true
 wait "$gateway_pid" 2>/dev/null || true
 echo
