@@ -205,78 +205,58 @@ impl Deliverer {
             }
             match self.write_with_retries(&batch, attempts).await {
                 Ok(()) => self.written(&batch, live),
-                Err(f) => match f.error {
-                    SinkError::Rejected { .. } | SinkError::TooLarge { .. }
-                        if batch.readings > 1 =>
-                    {
-                        let half = batch.readings / 2;
-                        let (a, b) = batch.split_at_line(half);
-                        pending.push(b);
-                        pending.push(a);
-                    }
-                    SinkError::Rejected { status, body } => {
-                        let reason = format!("{status}: {body}");
-                        self.park(
-                            batch,
+                Err(f) => {
+                    let (kind, status, reason) = match f.error {
+                        SinkError::Rejected { .. } | SinkError::TooLarge { .. }
+                            if batch.readings > 1 =>
+                        {
+                            let half = batch.readings / 2;
+                            let (a, b) = batch.split_at_line(half);
+                            pending.push(b);
+                            pending.push(a);
+                            continue;
+                        }
+                        SinkError::Rejected { status, body } => (
                             Kind::RejectedBySink,
-                            reason,
                             Some(status),
-                            f.attempts,
-                            f.first_failure_ms,
-                            previous,
-                        )
-                        .await;
-                    }
-                    SinkError::TooLarge { body } => {
-                        let reason = format!("413: {body}");
-                        self.park(
-                            batch,
-                            Kind::RejectedBySink,
-                            reason,
-                            Some(413),
-                            f.attempts,
-                            f.first_failure_ms,
-                            previous,
-                        )
-                        .await;
-                    }
-                    SinkError::Refused { status, body } => {
-                        error!(
-                            status,
-                            %body,
-                            "the sink refuses the gateway's writes: check sink.url, the token or credentials, and the bucket or database; parking the batch"
-                        );
-                        let reason = format!("{status}: {body}");
-                        self.park(
-                            batch,
-                            Kind::RefusedBySink,
-                            reason,
-                            Some(status),
-                            f.attempts,
-                            f.first_failure_ms,
-                            previous,
-                        )
-                        .await;
-                    }
-                    SinkError::Retryable { status, detail, .. } => {
-                        self.mark_down(&detail);
-                        down = true;
-                        let reason = match status {
-                            Some(s) => format!("{s}: {detail}"),
-                            None => detail,
-                        };
-                        self.park(
-                            batch,
-                            Kind::RetriesExhausted,
-                            reason,
-                            status,
-                            f.attempts,
-                            f.first_failure_ms,
-                            previous,
-                        )
-                        .await;
-                    }
-                },
+                            format!("{status}: {body}"),
+                        ),
+                        SinkError::TooLarge { body } => {
+                            (Kind::RejectedBySink, Some(413), format!("413: {body}"))
+                        }
+                        SinkError::Refused { status, body } => {
+                            error!(
+                                status,
+                                %body,
+                                "the sink refuses the gateway's writes: check sink.url, the token or credentials, and the bucket or database; parking the batch"
+                            );
+                            (
+                                Kind::RefusedBySink,
+                                Some(status),
+                                format!("{status}: {body}"),
+                            )
+                        }
+                        SinkError::Retryable { status, detail, .. } => {
+                            self.mark_down(&detail);
+                            down = true;
+                            let reason = match status {
+                                Some(s) => format!("{s}: {detail}"),
+                                None => detail,
+                            };
+                            (Kind::RetriesExhausted, status, reason)
+                        }
+                    };
+                    self.park(
+                        batch,
+                        kind,
+                        reason,
+                        status,
+                        f.attempts,
+                        f.first_failure_ms,
+                        previous,
+                    )
+                    .await;
+                }
             }
         }
         down

@@ -336,6 +336,17 @@ impl Gateway {
         Ok(parse_metrics(&text))
     }
 
+    /// Waits until metric `name` (with labels, as exposed) equals `want`; returns all metrics.
+    pub async fn wait_metric(&self, name: &str, want: f64) -> HashMap<String, f64> {
+        eventually(Duration::from_secs(60), name, || async {
+            let m = self.metrics().await?;
+            let got = m.get(name).copied().unwrap_or(0.0);
+            anyhow::ensure!(got == want, "{name} = {got}, waiting for {want}");
+            Ok(m)
+        })
+        .await
+    }
+
     pub async fn metric(&self, name: &str) -> f64 {
         self.metrics()
             .await

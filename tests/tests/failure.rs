@@ -110,16 +110,7 @@ async fn outage_is_redriven_without_an_operator() {
     let down_at = Instant::now();
     // 50 devices × 100 messages × 10 readings, all while the sink is down.
     publish_fleet(gw.mqtt_port, fleet(50, 100, 10, "outage")).await;
-    let parked = eventually(Duration::from_secs(60), "everything parked", || async {
-        let m = gw.metrics().await?;
-        anyhow::ensure!(
-            g(&m, "gateway_dlq_readings") == 50_000.0,
-            "{} parked",
-            g(&m, "gateway_dlq_readings")
-        );
-        Ok(m)
-    })
-    .await;
+    let parked = gw.wait_metric("gateway_dlq_readings", 50_000.0).await;
     assert_eq!(g(&parked, "gateway_sink_up"), 0.0);
     let ready = http()
         .get(format!("{}/readyz", gw.admin))
@@ -229,15 +220,8 @@ async fn field_type_conflict_parks_only_the_conflicting_lines() {
     publish_v4(gw.mqtt_port, "seed", vec![first])
         .await
         .expect("published");
-    eventually(Duration::from_secs(30), "seed written", || async {
-        let m = gw.metrics().await?;
-        anyhow::ensure!(
-            g(&m, "gateway_sink_readings_written_total") == 1.0,
-            "not yet"
-        );
-        Ok(())
-    })
-    .await;
+    gw.wait_metric("gateway_sink_readings_written_total", 1.0)
+        .await;
     // Then 1,000 readings in a few batches, 10 of them with `v` as text: a type conflict.
     let readings: Vec<serde_json::Value> = (0..1000)
         .map(|i| {
@@ -324,16 +308,7 @@ async fn refused_writes_wait_for_the_operator_then_replay() {
     ];
     let mut gw = Gateway::start(&env).await;
     publish_fleet(gw.mqtt_port, fleet(5, 20, 5, "refused")).await;
-    let m = eventually(Duration::from_secs(60), "parked", || async {
-        let m = gw.metrics().await?;
-        anyhow::ensure!(
-            g(&m, "gateway_dlq_readings") == 500.0,
-            "{} parked",
-            g(&m, "gateway_dlq_readings")
-        );
-        Ok(m)
-    })
-    .await;
+    let m = gw.wait_metric("gateway_dlq_readings", 500.0).await;
     assert_eq!(
         g(
             &m,
@@ -404,16 +379,7 @@ async fn rejected_input_is_kept_within_a_per_device_allowance() {
     publish_v4(gw.mqtt_port, "noisy", garbage)
         .await
         .expect("published");
-    let m = eventually(Duration::from_secs(20), "kept", || async {
-        let m = gw.metrics().await?;
-        anyhow::ensure!(
-            g(&m, "gateway_dlq_rejected_inputs") == 3.0,
-            "{}",
-            g(&m, "gateway_dlq_rejected_inputs")
-        );
-        Ok(m)
-    })
-    .await;
+    let m = gw.wait_metric("gateway_dlq_rejected_inputs", 3.0).await;
     assert_eq!(
         g(&m, "gateway_dlq_rejected_input_skipped_total"),
         7.0,
@@ -455,16 +421,7 @@ async fn bad_token_is_parked_with_the_sinks_answer_and_replayed() {
     ])
     .await;
     publish_fleet(gw.mqtt_port, fleet(3, 10, 10, "token")).await;
-    let m = eventually(Duration::from_secs(30), "parked", || async {
-        let m = gw.metrics().await?;
-        anyhow::ensure!(
-            g(&m, "gateway_dlq_readings") == 300.0,
-            "{}",
-            g(&m, "gateway_dlq_readings")
-        );
-        Ok(m)
-    })
-    .await;
+    let m = gw.wait_metric("gateway_dlq_readings", 300.0).await;
     assert_eq!(
         g(
             &m,
@@ -511,16 +468,7 @@ async fn a_full_dlq_pushes_back_and_loses_nothing() {
     vm.stop();
     // About 1.4 MB of line protocol: ten times what the DLQ may hold.
     publish_fleet(gw.mqtt_port, fleet(20, 100, 10, "full")).await;
-    let m = eventually(
-        Duration::from_secs(30),
-        "DLQ full, writers holding",
-        || async {
-            let m = gw.metrics().await?;
-            anyhow::ensure!(g(&m, "gateway_dlq_full") == 1.0, "not full yet");
-            Ok(m)
-        },
-    )
-    .await;
+    let m = gw.wait_metric("gateway_dlq_full", 1.0).await;
     assert!(
         g(&m, "gateway_dlq_bytes") <= 128.0 * 1024.0,
         "the cap holds"
@@ -548,16 +496,9 @@ async fn retention_deletes_old_records_and_counts_them() {
     ])
     .await;
     publish_fleet(gw.mqtt_port, fleet(2, 5, 10, "old")).await;
-    let m = eventually(Duration::from_secs(30), "expired", || async {
-        let m = gw.metrics().await?;
-        anyhow::ensure!(
-            g(&m, "gateway_dlq_expired_readings_total") == 100.0,
-            "{}",
-            g(&m, "gateway_dlq_expired_readings_total")
-        );
-        Ok(m)
-    })
-    .await;
+    let m = gw
+        .wait_metric("gateway_dlq_expired_readings_total", 100.0)
+        .await;
     assert_eq!(g(&m, "gateway_dlq_records"), 0.0);
     assert!(gw.logs().contains("passed dlq.retention"));
 }
