@@ -146,8 +146,9 @@ pub async fn run(mut rx: QueueRx, limits: BatchLimits, deliverer: Arc<Deliverer>
                 None => break,
             },
         };
-        let deadline =
-            tokio::time::Instant::from_std(first.received.max(Instant::now())) + limits.linger;
+        // Linger counts from when the batcher takes the first chunk, not from its receive time:
+        // after a backlog, batches still fill up instead of leaving one by one.
+        let deadline = tokio::time::Instant::now() + limits.linger;
         let mut batch = Batch::default();
         batch.add(first);
         let mut closed = false;

@@ -34,17 +34,68 @@ struct Health {
     since: Mutex<Option<Instant>>,
 }
 
+/// How a deliverer treats failures.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub backoff: Backoff,
+    pub max_attempts: u32,
+    pub gzip: bool,
+    /// When the DLQ cannot take a record: hold it and keep trying (the running gateway: push
+    /// back), or give up on it at once (a replay: the record stays where it was).
+    pub hold_when_full: bool,
+    /// While the sink is down, park live batches without a write and leave probing to the
+    /// redrive task. Off when redrive is off: then live batches are the only probes.
+    pub park_while_down: bool,
+}
+
+impl Policy {
+    pub fn new(
+        sink: &crate::config::SinkConfig,
+        hold_when_full: bool,
+        park_while_down: bool,
+    ) -> Self {
+        Self {
+            backoff: Backoff {
+                initial: sink.retry_initial,
+                max: sink.retry_max,
+            },
+            max_attempts: sink.max_attempts,
+            gzip: sink.gzip,
+            hold_when_full,
+            park_while_down,
+        }
+    }
+}
+
 pub struct Deliverer {
     sink: Sink,
     metrics: Arc<Metrics>,
     dlq: Arc<SharedDlq>,
-    backoff: Backoff,
-    max_attempts: u32,
-    gzip: bool,
+    policy: Policy,
     health: Health,
     /// Cleared by shutdown when its timeout has passed: retries and waits for DLQ room stop,
     /// and what is left is reported as not written.
     retrying: AtomicBool,
+}
+
+/// Where the lines of one batch ended up.
+#[derive(Debug, Default, Clone, Copy)]
+struct Settled {
+    /// The sink turned out to be unreachable.
+    down: bool,
+    written: u32,
+    parked: u32,
+    /// Neither written nor parked: the DLQ could not take them and holding was not allowed
+    /// (or shutdown ended the wait). They are still in flight.
+    abandoned: u32,
+}
+
+/// What parking did with a batch.
+enum ParkOutcome {
+    Stored,
+    /// While waiting for room, the sink took the batch after all.
+    Written,
+    Abandoned,
 }
 
 /// How a write ended, with the attempts it took.
@@ -75,21 +126,12 @@ pub enum Redrive {
 }
 
 impl Deliverer {
-    pub fn new(
-        sink: Sink,
-        metrics: Arc<Metrics>,
-        dlq: Arc<SharedDlq>,
-        backoff: Backoff,
-        max_attempts: u32,
-        gzip: bool,
-    ) -> Self {
+    pub fn new(sink: Sink, metrics: Arc<Metrics>, dlq: Arc<SharedDlq>, policy: Policy) -> Self {
         Self {
             sink,
             metrics,
             dlq,
-            backoff,
-            max_attempts,
-            gzip,
+            policy,
             health: Health::default(),
             retrying: AtomicBool::new(true),
         }
@@ -112,7 +154,8 @@ impl Deliverer {
         self.metrics
             .batch_readings
             .observe(f64::from(batch.readings));
-        self.settle(batch, self.max_attempts, true, None).await;
+        self.settle(batch, self.policy.max_attempts, true, None)
+            .await;
     }
 
     /// Writes one `retries_exhausted` record again: a single attempt per part, so that a sink
@@ -120,20 +163,27 @@ impl Deliverer {
     pub async fn redrive(&self, id: String, readings: u32) -> Result<Redrive, DlqError> {
         let (meta, data) = self.dlq.read(id.clone()).await?;
         let topic: Arc<str> = meta.topics.first().map_or("", String::as_str).into();
-        self.dlq.begin_redrive(readings);
-        let batch = Batch::from_lines(data, topic);
-        let written_before = self.metrics.sink_readings_written.get();
-        let down = self.settle(batch, 1, false, Some(&meta)).await;
-        self.metrics.dlq_redriven_readings.inc_by(
+        self.dlq.begin_redrive(&id, readings);
+        let settled = self
+            .settle(Batch::from_lines(data, topic), 1, false, Some(&meta))
+            .await;
+        self.metrics
+            .dlq_redriven_readings
+            .inc_by(u64::from(settled.written));
+        if settled.abandoned > 0 {
+            // Only at shutdown: keep the record (parts of it may be written or parked twice,
+            // which the sink's deduplication absorbs) rather than lose the rest.
             self.metrics
-                .sink_readings_written
-                .get()
-                .saturating_sub(written_before),
-        );
-        let deleted = self.dlq.delete(vec![id]).await;
-        self.dlq.end_redrive(readings);
+                .readings_in_flight
+                .dec_by(i64::from(settled.abandoned));
+            self.dlq.end_redrive(&id, readings, false);
+            warn!(%id, "redrive interrupted; the record stays in the dead-letter queue");
+            return Ok(Redrive::SinkDown);
+        }
+        let deleted = self.dlq.delete(vec![id.clone()]).await;
+        self.dlq.end_redrive(&id, readings, false);
         deleted?;
-        Ok(if down {
+        Ok(if settled.down {
             Redrive::SinkDown
         } else {
             Redrive::Done
@@ -148,7 +198,10 @@ impl Deliverer {
         let batch = Batch::from_lines(lines, topic);
         let readings = batch.readings;
         self.metrics.readings_in_flight.inc_by(i64::from(readings));
-        match self.write_with_retries(&batch, self.max_attempts).await {
+        match self
+            .write_with_retries(&batch, self.policy.max_attempts)
+            .await
+        {
             Ok(()) => {
                 self.written(&batch, false);
                 Replayed::Written(readings)
@@ -159,13 +212,21 @@ impl Deliverer {
                     SinkError::Rejected { .. } | SinkError::TooLarge { .. }
                 ) && readings > 1 =>
             {
-                let before = self.metrics.sink_readings_written.get();
-                self.settle(batch, self.max_attempts, false, Some(meta))
+                let settled = self
+                    .settle(batch, self.policy.max_attempts, false, Some(meta))
                     .await;
-                let written = self.metrics.sink_readings_written.get() - before;
+                if settled.abandoned > 0 {
+                    self.metrics
+                        .readings_in_flight
+                        .dec_by(i64::from(settled.abandoned));
+                    return Replayed::Left(format!(
+                        "{} readings could be neither written nor parked again (is the dead-letter queue full?)",
+                        settled.abandoned
+                    ));
+                }
                 Replayed::Split {
-                    written: written as u32,
-                    parked: readings - written as u32,
+                    written: settled.written,
+                    parked: settled.parked,
                 }
             }
             Err(f) => {
@@ -175,91 +236,95 @@ impl Deliverer {
         }
     }
 
-    /// Writes, splits and parks until every line of `batch` is written or parked. Returns
-    /// whether the sink turned out to be unreachable.
+    /// Writes, splits and parks until every line of `batch` is written or parked (or, when
+    /// parking is not possible, abandoned and still in flight).
     async fn settle(
         &self,
         batch: Batch,
         attempts: u32,
         live: bool,
         previous: Option<&Meta>,
-    ) -> bool {
+    ) -> Settled {
         let mut pending = vec![batch];
-        let mut down = false;
+        let mut settled = Settled::default();
         while let Some(batch) = pending.pop() {
-            if down || (live && self.sink_down()) {
+            let (kind, status, reason, attempts_made, first_failure_ms) = if settled.down
+                || (live && self.policy.park_while_down && self.sink_down())
+            {
                 // Probing is the redrive task's job: do not spend a timeout per batch.
                 let reason =
                     "sink unreachable; parked without a write while it is down".to_string();
-                self.park(
-                    batch,
-                    Kind::RetriesExhausted,
-                    reason,
-                    None,
-                    0,
-                    dlq::now_ms(),
-                    previous,
-                )
-                .await;
-                continue;
-            }
-            match self.write_with_retries(&batch, attempts).await {
-                Ok(()) => self.written(&batch, live),
-                Err(f) => {
-                    let (kind, status, reason) = match f.error {
-                        SinkError::Rejected { .. } | SinkError::TooLarge { .. }
-                            if batch.readings > 1 =>
-                        {
-                            let half = batch.readings / 2;
-                            let (a, b) = batch.split_at_line(half);
-                            pending.push(b);
-                            pending.push(a);
-                            continue;
-                        }
-                        SinkError::Rejected { status, body } => (
-                            Kind::RejectedBySink,
+                (Kind::RetriesExhausted, None, reason, 0, dlq::now_ms())
+            } else {
+                let f = match self.write_with_retries(&batch, attempts).await {
+                    Ok(()) => {
+                        self.written(&batch, live);
+                        settled.written += batch.readings;
+                        continue;
+                    }
+                    Err(f) => f,
+                };
+                let (kind, status, reason) = match f.error {
+                    SinkError::Rejected { .. } | SinkError::TooLarge { .. }
+                        if batch.readings > 1 =>
+                    {
+                        let half = batch.readings / 2;
+                        let (a, b) = batch.split_at_line(half);
+                        pending.push(b);
+                        pending.push(a);
+                        continue;
+                    }
+                    SinkError::Rejected { status, body } => (
+                        Kind::RejectedBySink,
+                        Some(status),
+                        format!("{status}: {body}"),
+                    ),
+                    SinkError::TooLarge { body } => {
+                        (Kind::RejectedBySink, Some(413), format!("413: {body}"))
+                    }
+                    SinkError::Refused { status, body } => {
+                        error!(
+                            status,
+                            %body,
+                            "the sink refuses the gateway's writes: check sink.url, the token or credentials, and the bucket or database; parking the batch"
+                        );
+                        (
+                            Kind::RefusedBySink,
                             Some(status),
                             format!("{status}: {body}"),
-                        ),
-                        SinkError::TooLarge { body } => {
-                            (Kind::RejectedBySink, Some(413), format!("413: {body}"))
-                        }
-                        SinkError::Refused { status, body } => {
-                            error!(
-                                status,
-                                %body,
-                                "the sink refuses the gateway's writes: check sink.url, the token or credentials, and the bucket or database; parking the batch"
-                            );
-                            (
-                                Kind::RefusedBySink,
-                                Some(status),
-                                format!("{status}: {body}"),
-                            )
-                        }
-                        SinkError::Retryable { status, detail, .. } => {
-                            self.mark_down(&detail);
-                            down = true;
-                            let reason = match status {
-                                Some(s) => format!("{s}: {detail}"),
-                                None => detail,
-                            };
-                            (Kind::RetriesExhausted, status, reason)
-                        }
-                    };
-                    self.park(
-                        batch,
-                        kind,
-                        reason,
-                        status,
-                        f.attempts,
-                        f.first_failure_ms,
-                        previous,
-                    )
-                    .await;
-                }
+                        )
+                    }
+                    SinkError::Retryable { status, detail, .. } => {
+                        self.mark_down(&detail);
+                        settled.down = true;
+                        let reason = match status {
+                            Some(s) => format!("{s}: {detail}"),
+                            None => detail,
+                        };
+                        (Kind::RetriesExhausted, status, reason)
+                    }
+                };
+                (kind, status, reason, f.attempts, f.first_failure_ms)
+            };
+            let readings = batch.readings;
+            match self
+                .park(
+                    batch,
+                    kind,
+                    reason,
+                    status,
+                    attempts_made,
+                    first_failure_ms,
+                    previous,
+                )
+                .await
+            {
+                ParkOutcome::Stored => settled.parked += readings,
+                ParkOutcome::Written => settled.written += readings,
+                ParkOutcome::Abandoned => settled.abandoned += readings,
             }
         }
-        down
+        settled
     }
 
     async fn write_with_retries(&self, batch: &Batch, max_attempts: u32) -> Result<(), Failure> {
@@ -298,7 +363,7 @@ impl Deliverer {
                     status,
                     detail,
                 } if attempt < max_attempts && self.retrying() => {
-                    let wait = self.backoff.delay(attempt, retry_after);
+                    let wait = self.policy.backoff.delay(attempt, retry_after);
                     warn!(attempt, ?status, %detail, wait_ms = wait.as_millis() as u64, "write failed; retrying");
                     tokio::time::sleep(wait).await;
                 }
@@ -332,7 +397,7 @@ impl Deliverer {
         attempts: u32,
         first_failure_ms: i64,
         previous: Option<&Meta>,
-    ) {
+    ) -> ParkOutcome {
         // A record written again keeps the topics it was parked with (lines do not carry them).
         let (topics, more_topics) = match previous {
             Some(m) => (m.topics.clone(), m.more_topics),
@@ -364,7 +429,11 @@ impl Deliverer {
                     self.metrics
                         .readings_in_flight
                         .dec_by(i64::from(batch.readings));
-                    return;
+                    return ParkOutcome::Stored;
+                }
+                Err(e) if !self.policy.hold_when_full => {
+                    error!(error = %e, readings = batch.readings, "cannot park these lines again");
+                    return ParkOutcome::Abandoned;
                 }
                 Err(e) => {
                     if held_since.is_none() {
@@ -374,7 +443,7 @@ impl Deliverer {
                     let since = *held_since.get_or_insert_with(Instant::now);
                     if !self.retrying() {
                         error!(readings = batch.readings, held_for = ?since.elapsed(), "shutting down with a batch neither written nor parked");
-                        return;
+                        return ParkOutcome::Abandoned;
                     }
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     // The sink may be back: a write frees the batch as well as room would.
@@ -384,7 +453,7 @@ impl Deliverer {
                         self.mark_up();
                         self.metrics.dlq_full.set(0);
                         self.written(&batch, previous.is_none());
-                        return;
+                        return ParkOutcome::Written;
                     }
                 }
             }
@@ -413,7 +482,7 @@ impl Deliverer {
     }
 
     fn encode(&self, lines: &[u8]) -> Bytes {
-        if !self.gzip {
+        if !self.policy.gzip {
             return Bytes::copy_from_slice(lines);
         }
         use std::io::Write;

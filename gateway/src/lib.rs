@@ -80,16 +80,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<L
     let sink = sink::Sink::new(&config.sink)?;
     let dead_letters = open_dlq(&config, metrics.clone())?;
     let s = &config.sink;
+    // The running gateway holds batches when the DLQ is full, and leaves probing a down sink
+    // to redrive when that is on.
+    let policy = deliver::Policy::new(s, true, config.dlq.redrive);
     let deliverer = Arc::new(deliver::Deliverer::new(
         sink,
         metrics.clone(),
         dead_letters.clone(),
-        retry::Backoff {
-            initial: s.retry_initial,
-            max: s.retry_max,
-        },
-        s.max_attempts,
-        s.gzip,
+        policy,
     ));
     // Nothing has failed yet: the sink counts as reachable until a write says otherwise.
     metrics.sink_up.set(1);

@@ -61,11 +61,12 @@ pub const FRAME_HEADER: usize = 8;
 /// A frame body larger than this is damage, not data (batches are far smaller).
 pub const MAX_BODY: u32 = 256 * 1024 * 1024;
 
-/// Writes one frame around `body`.
+/// Writes one frame around `body`. Bodies are never empty: an all-zero frame header (length 0,
+/// CRC32C of nothing = 0) is what a zero-filled tail looks like, so it must not be valid data.
 pub fn write_frame(out: &mut impl Write, body: &[u8]) -> io::Result<()> {
     let len = u32::try_from(body.len())
         .ok()
-        .filter(|l| *l <= MAX_BODY)
+        .filter(|l| (1..=MAX_BODY).contains(l))
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "DLQ record too large"))?;
     let mut header = [0u8; FRAME_HEADER];
     header[..4].copy_from_slice(&len.to_le_bytes());
@@ -96,6 +97,9 @@ pub fn read_frame(input: &mut impl Read) -> io::Result<Frame> {
     }
     let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
     let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+    if len == 0 {
+        return Ok(Frame::Corrupt);
+    }
     if len > MAX_BODY {
         return Ok(Frame::Torn);
     }
@@ -147,17 +151,28 @@ mod tests {
     fn frames_round_trip_and_damage_is_recognised() {
         let mut buf = Vec::new();
         write_frame(&mut buf, b"hello").expect("write");
-        write_frame(&mut buf, b"").expect("write");
+        write_frame(&mut buf, b"x").expect("write");
+        assert!(
+            write_frame(&mut Vec::new(), b"").is_err(),
+            "no empty frames"
+        );
         let mut r = &buf[..];
         assert_eq!(
             read_frame(&mut r).expect("read"),
             Frame::Body(b"hello".to_vec())
         );
-        assert_eq!(read_frame(&mut r).expect("read"), Frame::Body(Vec::new()));
+        assert_eq!(
+            read_frame(&mut r).expect("read"),
+            Frame::Body(b"x".to_vec())
+        );
         assert_eq!(read_frame(&mut r).expect("read"), Frame::End);
+        // A zero-filled tail is damage, not an empty record.
+        let mut r = &[0u8; 16][..];
+        assert_eq!(read_frame(&mut r).expect("read"), Frame::Corrupt);
 
         // A torn tail: every strict prefix of a frame.
         for cut in 1..13 {
+            // Every strict prefix of the first frame (8 + 5 bytes).
             let mut r = &buf[..cut];
             assert_eq!(
                 read_frame(&mut r).expect("read"),
@@ -176,7 +191,7 @@ mod tests {
                 "flip at {at}"
             );
         }
-        // A zeroed length reads as an empty body whose checksum does not match.
+        // A zeroed length is damage.
         let mut zeroed = buf.clone();
         zeroed[..4].copy_from_slice(&[0; 4]);
         let mut r = &zeroed[..];

@@ -76,6 +76,12 @@ pub struct Dlq {
     live: BTreeMap<(u64, u64), Entry>,
     /// Live records per segment, and each segment's file size.
     segments: BTreeMap<u64, (usize, u64)>,
+    /// Segments with damage recovery reported: never removed or appended to by us, so what
+    /// is left in them can still be recovered by hand.
+    damaged: HashSet<u64>,
+    /// The next segment number. Never reused: `deleted.log` may still name ids of a removed
+    /// segment, and a reused number would make those tombstones hide new records.
+    next_seq: u64,
 }
 
 const DELETED: &str = "deleted.log";
@@ -140,6 +146,8 @@ impl Dlq {
             deleted_log: None,
             live: BTreeMap::new(),
             segments: BTreeMap::new(),
+            damaged: HashSet::new(),
+            next_seq: 1,
         };
         let mut recovery = Recovery::default();
         if !dir.exists() {
@@ -147,6 +155,17 @@ impl Dlq {
         }
         let deleted = dlq.read_deleted(&mut recovery)?;
         let seqs = dlq.segment_seqs()?;
+        let highest_deleted = deleted
+            .iter()
+            .filter_map(|id| parse_id(id))
+            .map(|(seq, _)| seq)
+            .max();
+        dlq.next_seq = seqs
+            .iter()
+            .copied()
+            .chain(highest_deleted)
+            .max()
+            .map_or(1, |s| s + 1);
         for (i, seq) in seqs.iter().enumerate() {
             let last = i + 1 == seqs.len();
             dlq.scan_segment(*seq, last, &deleted, &mut recovery)?;
@@ -156,7 +175,7 @@ impl Dlq {
             dlq.drop_dead_segments()?;
             dlq.compact_deleted()?;
             if let Some((&seq, &(_, len))) = dlq.segments.iter().next_back() {
-                if len < dlq.options.segment_bytes {
+                if len < dlq.options.segment_bytes && !dlq.damaged.contains(&seq) {
                     let path = dlq.dir.join(segment_name(seq));
                     let file = OpenOptions::new()
                         .append(true)
@@ -208,7 +227,7 @@ impl Dlq {
                     }
                     Frame::End => break,
                     Frame::Torn | Frame::Corrupt => {
-                        recovery.torn_bytes += size - pos;
+                        recovery.torn_bytes += size.saturating_sub(pos);
                         break;
                     }
                 }
@@ -259,9 +278,10 @@ impl Dlq {
             let body = match frame {
                 Frame::Body(body) => body,
                 Frame::End => break,
-                Frame::Torn | Frame::Corrupt if last => {
-                    // The last write before a crash: never acknowledged, so cut it.
-                    recovery.torn_bytes += size - pos;
+                // A write a crash cut short can only be the last thing in the last segment:
+                // never acknowledged, so it is cut. A zero-filled tail is the same thing.
+                Frame::Torn | Frame::Corrupt if last && rest_is_torn(&path, pos, &frame)? => {
+                    recovery.torn_bytes += size.saturating_sub(pos);
                     if self.writable {
                         let f = OpenOptions::new()
                             .write(true)
@@ -274,10 +294,11 @@ impl Dlq {
                 }
                 Frame::Torn | Frame::Corrupt => {
                     recovery.damaged.push(format!(
-                        "{}: damaged record at byte {pos}; the {} bytes after it cannot be read",
+                        "{}: damaged record at byte {pos}; the {} bytes from there cannot be read and the file is kept as it is",
                         path.display(),
-                        size - pos
+                        size.saturating_sub(pos)
                     ));
+                    self.damaged.insert(seq);
                     break;
                 }
             };
@@ -322,7 +343,9 @@ impl Dlq {
         let dead: Vec<u64> = self
             .segments
             .iter()
-            .filter(|(seq, (live, _))| *live == 0 && Some(**seq) != active)
+            .filter(|(seq, (live, _))| {
+                *live == 0 && Some(**seq) != active && !self.damaged.contains(seq)
+            })
             .map(|(seq, _)| *seq)
             .collect();
         for seq in dead {
@@ -427,7 +450,8 @@ impl Dlq {
                 dir: self.dir.display().to_string(),
             });
         }
-        let seq = self.segments.keys().next_back().map_or(1, |s| s + 1);
+        let seq = self.next_seq;
+        self.next_seq += 1;
         let path = self.dir.join(segment_name(seq));
         let mut file = OpenOptions::new()
             .create_new(true)
@@ -447,17 +471,26 @@ impl Dlq {
                 .get(&prev.seq)
                 .is_some_and(|(live, _)| *live == 0)
             {
-                self.remove_segment(prev.seq)?;
+                self.remove_segment(prev.seq);
             }
         }
         Ok(())
     }
 
-    fn remove_segment(&mut self, seq: u64) -> Result<(), DlqError> {
+    /// Removes a segment whose records are all deleted. A failure only leaves a file that the
+    /// next open removes: the tombstones are already durable.
+    fn remove_segment(&mut self, seq: u64) {
+        if self.damaged.contains(&seq) {
+            return;
+        }
         let path = self.dir.join(segment_name(seq));
-        fs::remove_file(&path).map_err(io_err(&path))?;
         self.segments.remove(&seq);
-        sync_dir(&self.dir)
+        if let Err(e) = fs::remove_file(&path)
+            .map_err(io_err(&path))
+            .and_then(|()| sync_dir(&self.dir))
+        {
+            tracing::warn!(error = %e, "cannot remove an emptied dead-letter segment; the next start will");
+        }
     }
 
     /// Live records, oldest first.
@@ -496,7 +529,7 @@ impl Dlq {
     /// Removes records (replayed or purged), durably. Unknown ids are an error before
     /// anything is removed.
     pub fn delete(&mut self, ids: &[String]) -> Result<(), DlqError> {
-        let keys: Vec<(u64, u64)> = ids
+        let mut keys: Vec<(u64, u64)> = ids
             .iter()
             .map(|id| {
                 parse_id(id)
@@ -504,6 +537,8 @@ impl Dlq {
                     .ok_or_else(|| DlqError::NotFound(id.clone()))
             })
             .collect::<Result<_, _>>()?;
+        keys.sort_unstable();
+        keys.dedup();
         if keys.is_empty() {
             return Ok(());
         }
@@ -516,22 +551,28 @@ impl Dlq {
                 "deleted.log is not open",
             )));
         };
+        // Tombstones carry the canonical id, the spelling recovery compares with.
         let mut frames = Vec::new();
-        for id in ids {
-            format::write_frame(&mut frames, id.as_bytes()).map_err(io_err(&path))?;
+        for (seq, offset) in &keys {
+            format::write_frame(&mut frames, make_id(*seq, *offset).as_bytes())
+                .map_err(io_err(&path))?;
         }
         log.write_all(&frames)
             .and_then(|()| log.sync_data())
             .map_err(io_err(&path))?;
         let active = self.active.as_ref().map(|a| a.seq);
+        let mut emptied = Vec::new();
         for key in keys {
             self.live.remove(&key);
             if let Some(seg) = self.segments.get_mut(&key.0) {
-                seg.0 -= 1;
+                seg.0 = seg.0.saturating_sub(1);
                 if seg.0 == 0 && Some(key.0) != active {
-                    self.remove_segment(key.0)?;
+                    emptied.push(key.0);
                 }
             }
+        }
+        for seq in emptied {
+            self.remove_segment(seq);
         }
         Ok(())
     }
@@ -568,6 +609,19 @@ impl Dlq {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+}
+
+/// Whether a bad frame at `pos` is a torn tail: a short read, or nothing but zeros from there
+/// to the end of the file (a crash after the file grew but before the data landed).
+fn rest_is_torn(path: &Path, pos: u64, frame: &Frame) -> Result<bool, DlqError> {
+    if *frame == Frame::Torn {
+        return Ok(true);
+    }
+    let mut file = File::open(path).map_err(io_err(path))?;
+    file.seek(SeekFrom::Start(pos)).map_err(io_err(path))?;
+    let mut rest = Vec::new();
+    std::io::Read::read_to_end(&mut file, &mut rest).map_err(io_err(path))?;
+    Ok(rest.iter().all(|b| *b == 0))
 }
 
 fn sync_dir(dir: &Path) -> Result<(), DlqError> {
@@ -737,6 +791,117 @@ mod tests {
         fs::write(&seg, bytes).expect("write");
         let (_, r) = Dlq::open(dir.path(), opts(), true).expect("reopen");
         assert_eq!(r.damaged.len(), 1, "{r:?}");
+    }
+
+    #[test]
+    fn segment_numbers_are_never_reused() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (mut q, _) = Dlq::open(dir.path(), opts(), true).expect("open");
+        // A record larger than a segment: after a restart that segment is full, not active, and
+        // deleting its record removes it, so no segment file is left at all.
+        let ids = vec![q
+            .append(&meta(Kind::RetriesExhausted, 1), &[b'x'; 5000])
+            .expect("append")];
+        drop(q);
+        let (mut q, _) = Dlq::open(dir.path(), opts(), true).expect("reopen");
+        q.delete(&ids).expect("delete");
+        // deleted.log still names 1-8 until the next open compacts it.
+        let id = q
+            .append(&meta(Kind::RetriesExhausted, 1), b"m v=1 1\n")
+            .expect("append");
+        let used: Vec<u64> = ids
+            .iter()
+            .filter_map(|i| parse_id(i))
+            .map(|(s, _)| s)
+            .collect();
+        let (seq, _) = parse_id(&id).expect("id");
+        assert!(
+            used.iter().all(|u| *u < seq),
+            "{id} reuses a segment number of {ids:?}"
+        );
+        drop(q);
+        let (q, _) = Dlq::open(dir.path(), opts(), true).expect("reopen");
+        assert_eq!(
+            q.entries().map(|e| e.id.clone()).collect::<Vec<_>>(),
+            vec![id],
+            "no old tombstone hides it"
+        );
+    }
+
+    #[test]
+    fn deletes_are_deduplicated_and_canonical() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (mut q, _) = Dlq::open(dir.path(), opts(), true).expect("open");
+        let a = q
+            .append(&meta(Kind::RejectedBySink, 1), &[b'a'; 900])
+            .expect("append");
+        let b = q
+            .append(&meta(Kind::RejectedBySink, 1), &[b'b'; 900])
+            .expect("append");
+        // Seal segment 1 by filling it.
+        for _ in 0..4 {
+            q.append(&meta(Kind::RejectedBySink, 1), &[b'c'; 900])
+                .expect("append");
+        }
+        q.delete(&[a.clone(), a.clone()])
+            .expect("delete twice in one call");
+        assert_eq!(q.read(&b).expect("b survives").1, vec![b'b'; 900]);
+        let (seq, off) = parse_id(&b).expect("id");
+        q.delete(&[format!("0{seq}-{off}")])
+            .expect("another spelling of b");
+        drop(q);
+        let (q, _) = Dlq::open(dir.path(), opts(), true).expect("reopen");
+        assert!(
+            q.get(&a).is_none() && q.get(&b).is_none(),
+            "both stay deleted"
+        );
+        assert_eq!(q.entries().count(), 4);
+    }
+
+    #[test]
+    fn damage_inside_the_last_segment_is_kept_not_cut() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (mut q, _) = Dlq::open(dir.path(), opts(), true).expect("open");
+        let a = q
+            .append(&meta(Kind::RetriesExhausted, 1), b"m v=1 1\n")
+            .expect("append");
+        q.append(&meta(Kind::RetriesExhausted, 1), b"m v=2 2\n")
+            .expect("append");
+        q.append(&meta(Kind::RetriesExhausted, 1), b"m v=3 3\n")
+            .expect("append");
+        drop(q);
+        let seg = dir.path().join(segment_name(1));
+        let mut bytes = fs::read(&seg).expect("read");
+        let second = parse_id(&a).expect("id").1 as usize + 8 + 300;
+        let flip = second.min(bytes.len() - 20);
+        bytes[flip] ^= 0x40;
+        fs::write(&seg, &bytes).expect("write");
+        let (mut q, r) = Dlq::open(dir.path(), opts(), true).expect("reopen");
+        assert_eq!(r.torn_bytes, 0, "acknowledged records are not cut: {r:?}");
+        assert_eq!(r.damaged.len(), 1, "{r:?}");
+        assert_eq!(
+            fs::metadata(&seg).expect("stat").len(),
+            bytes.len() as u64,
+            "the file is kept"
+        );
+        let id = q
+            .append(&meta(Kind::RetriesExhausted, 1), b"m v=4 4\n")
+            .expect("append");
+        assert_ne!(
+            parse_id(&id).expect("id").0,
+            1,
+            "no appends to a damaged segment"
+        );
+
+        // A zero-filled tail (the file grew, the data did not land) is a torn write.
+        drop(q);
+        let last = dir.path().join(segment_name(parse_id(&id).expect("id").0));
+        let mut f = OpenOptions::new().append(true).open(&last).expect("open");
+        f.write_all(&[0u8; 64]).expect("zeros");
+        drop(f);
+        let (q, r) = Dlq::open(dir.path(), opts(), true).expect("reopen");
+        assert_eq!(r.torn_bytes, 64);
+        assert!(q.get(&id).is_some());
     }
 
     mod model {

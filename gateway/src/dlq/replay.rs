@@ -13,9 +13,8 @@ use serde::Serialize;
 use super::{Dlq, DlqError, Entry, Kind, Meta, Options, SharedDlq};
 use crate::config::Config;
 use crate::decode::{Decoder, TopicPattern};
-use crate::deliver::{Deliverer, Replayed};
+use crate::deliver::{Deliverer, Policy, Replayed};
 use crate::metrics::Metrics;
-use crate::retry::Backoff;
 use crate::sink::Sink;
 
 /// Which records a command works on.
@@ -190,16 +189,12 @@ pub async fn replay(
     let metrics = Arc::new(Metrics::new());
     let shared = SharedDlq::new(dlq, metrics.clone());
     let s = &config.sink;
+    // A replay never waits for room: what cannot be parked again stays where it is.
     let deliverer = Deliverer::new(
         Sink::new(s)?,
         metrics,
         shared.clone(),
-        Backoff {
-            initial: s.retry_initial,
-            max: s.retry_max,
-        },
-        s.max_attempts,
-        s.gzip,
+        Policy::new(s, false, false),
     );
     let mut decoder = Decoder::new(config.limits(), TopicPattern::parse(&config.mqtt.topic)?);
     let pace = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));

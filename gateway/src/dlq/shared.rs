@@ -13,6 +13,8 @@ pub struct SharedDlq {
     /// Accepted readings of records being redriven right now: counted in flight, not in the
     /// queue, so the ledger balances while a record is between the two.
     redriving: AtomicU64,
+    /// Ids being redriven: retention leaves them alone.
+    redriving_ids: Mutex<std::collections::HashSet<String>>,
 }
 
 impl SharedDlq {
@@ -23,6 +25,7 @@ impl SharedDlq {
             dlq: Mutex::new(dlq),
             metrics,
             redriving: AtomicU64::new(0),
+            redriving_ids: Mutex::new(Default::default()),
         });
         shared.refresh();
         shared
@@ -89,15 +92,28 @@ impl SharedDlq {
             .collect()
     }
 
-    /// Moves a record's readings from "in the queue" to "in flight" for the ledger.
-    pub fn begin_redrive(&self, readings: u32) {
+    fn redriving_ids(&self) -> MutexGuard<'_, std::collections::HashSet<String>> {
+        self.redriving_ids
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Moves a record's readings from "in the queue" to "in flight" for the ledger, and keeps
+    /// retention away from it.
+    pub fn begin_redrive(&self, id: &str, readings: u32) {
+        self.redriving_ids().insert(id.to_owned());
         self.redriving
             .fetch_add(u64::from(readings), Ordering::Relaxed);
         self.metrics.readings_in_flight.inc_by(i64::from(readings));
         self.refresh();
     }
 
-    pub fn end_redrive(&self, readings: u32) {
+    /// Ends a redrive. When the record stays (`kept`), its readings go back from flight to it.
+    pub fn end_redrive(&self, id: &str, readings: u32, kept: bool) {
+        self.redriving_ids().remove(id);
+        if kept {
+            self.metrics.readings_in_flight.dec_by(i64::from(readings));
+        }
         self.redriving
             .fetch_sub(u64::from(readings), Ordering::Relaxed);
         self.refresh();
@@ -107,10 +123,12 @@ impl SharedDlq {
     pub async fn expire(self: &Arc<Self>, retention: std::time::Duration) -> Result<(), DlqError> {
         let cutoff = super::now_ms()
             .saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX));
+        let busy = self.redriving_ids().clone();
+        // Not take_while: records parked again keep their first failure but sit at the end.
         let expired: Vec<(String, Kind, u32)> = self
             .lock()
             .entries()
-            .take_while(|e| e.meta.first_failure_ms < cutoff)
+            .filter(|e| e.meta.first_failure_ms < cutoff && !busy.contains(&e.id))
             .map(|e| (e.id.clone(), e.meta.kind, e.meta.readings))
             .collect();
         if expired.is_empty() {
