@@ -502,3 +502,40 @@ async fn retention_deletes_old_records_and_counts_them() {
     assert_eq!(g(&m, "gateway_dlq_records"), 0.0);
     assert!(gw.logs().contains("passed dlq.retention"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shutdown_parks_what_it_could_not_write() {
+    let vm = VictoriaMetrics::start().await;
+    let proxy = FaultProxy::start(&vm.url).await;
+    proxy.set(Fault::Hang);
+    let mut gw = Gateway::start(&[
+        ("GATEWAY_SINK__URL", proxy.url.clone()),
+        ("GATEWAY_SINK__TIMEOUT", "2s".into()),
+        ("GATEWAY_SINK__MAX_ATTEMPTS", "10".into()),
+        ("GATEWAY_SHUTDOWN__TIMEOUT", "1s".into()),
+    ])
+    .await;
+    publish_fleet(gw.mqtt_port, fleet(4, 25, 10, "shutdown")).await;
+    gw.wait_metric("gateway_readings_accepted_total", 1_000.0)
+        .await;
+    let started = Instant::now();
+    assert!(gw.terminate().success(), "exit 0");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the shutdown timeout bounds the flush"
+    );
+    let (_, listed, _) = gw.dlq(&["list"]);
+    let parked: u64 = listed
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|r| r["readings"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(
+        parked, 1_000,
+        "everything not written is in the dead-letter queue"
+    );
+    assert!(gw
+        .logs()
+        .contains("some readings wait in the dead-letter queue"));
+}
