@@ -161,9 +161,19 @@ impl Deliverer {
     /// Writes one `retries_exhausted` record again: a single attempt per part, so that a sink
     /// that is still down costs one request. Everything ends written or parked again.
     pub async fn redrive(&self, id: String, readings: u32) -> Result<Redrive, DlqError> {
-        let (meta, data) = self.dlq.read(id.clone()).await?;
+        if !self.dlq.begin_redrive(&id, readings) {
+            // Retention is deleting it right now.
+            return Ok(Redrive::Done);
+        }
+        let (meta, data) = match self.dlq.read(id.clone()).await {
+            Ok(record) => record,
+            Err(e) => {
+                self.metrics.readings_in_flight.dec_by(i64::from(readings));
+                self.dlq.end_redrive(&id, readings);
+                return Err(e);
+            }
+        };
         let topic: Arc<str> = meta.topics.first().map_or("", String::as_str).into();
-        self.dlq.begin_redrive(&id, readings);
         let settled = self
             .settle(Batch::from_lines(data, topic), 1, false, Some(&meta))
             .await;
@@ -176,12 +186,12 @@ impl Deliverer {
             self.metrics
                 .readings_in_flight
                 .dec_by(i64::from(settled.abandoned));
-            self.dlq.end_redrive(&id, readings, false);
+            self.dlq.end_redrive(&id, readings);
             warn!(%id, "redrive interrupted; the record stays in the dead-letter queue");
             return Ok(Redrive::SinkDown);
         }
         let deleted = self.dlq.delete(vec![id.clone()]).await;
-        self.dlq.end_redrive(&id, readings, false);
+        self.dlq.end_redrive(&id, readings);
         deleted?;
         Ok(if settled.down {
             Redrive::SinkDown

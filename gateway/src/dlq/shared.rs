@@ -13,8 +13,9 @@ pub struct SharedDlq {
     /// Accepted readings of records being redriven right now: counted in flight, not in the
     /// queue, so the ledger balances while a record is between the two.
     redriving: AtomicU64,
-    /// Ids being redriven: retention leaves them alone.
-    redriving_ids: Mutex<std::collections::HashSet<String>>,
+    /// Ids a redrive or retention is working on: each record has one owner at a time, so a
+    /// record is never both redriven and expired.
+    claimed: Mutex<std::collections::HashSet<String>>,
 }
 
 impl SharedDlq {
@@ -25,7 +26,7 @@ impl SharedDlq {
             dlq: Mutex::new(dlq),
             metrics,
             redriving: AtomicU64::new(0),
-            redriving_ids: Mutex::new(Default::default()),
+            claimed: Mutex::new(Default::default()),
         });
         shared.refresh();
         shared
@@ -92,28 +93,28 @@ impl SharedDlq {
             .collect()
     }
 
-    fn redriving_ids(&self) -> MutexGuard<'_, std::collections::HashSet<String>> {
-        self.redriving_ids
+    fn claimed(&self) -> MutexGuard<'_, std::collections::HashSet<String>> {
+        self.claimed
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Moves a record's readings from "in the queue" to "in flight" for the ledger, and keeps
-    /// retention away from it.
-    pub fn begin_redrive(&self, id: &str, readings: u32) {
-        self.redriving_ids().insert(id.to_owned());
+    /// Claims a record for redrive and moves its readings from "in the queue" to "in flight"
+    /// for the ledger. False when retention (or another redrive) has it.
+    pub fn begin_redrive(&self, id: &str, readings: u32) -> bool {
+        if !self.claimed().insert(id.to_owned()) {
+            return false;
+        }
         self.redriving
             .fetch_add(u64::from(readings), Ordering::Relaxed);
         self.metrics.readings_in_flight.inc_by(i64::from(readings));
         self.refresh();
+        true
     }
 
-    /// Ends a redrive. When the record stays (`kept`), its readings go back from flight to it.
-    pub fn end_redrive(&self, id: &str, readings: u32, kept: bool) {
-        self.redriving_ids().remove(id);
-        if kept {
-            self.metrics.readings_in_flight.dec_by(i64::from(readings));
-        }
+    /// Ends a redrive: the record's readings are written, parked again, or back in it.
+    pub fn end_redrive(&self, id: &str, readings: u32) {
+        self.claimed().remove(id);
         self.redriving
             .fetch_sub(u64::from(readings), Ordering::Relaxed);
         self.refresh();
@@ -123,14 +124,18 @@ impl SharedDlq {
     pub async fn expire(self: &Arc<Self>, retention: std::time::Duration) -> Result<(), DlqError> {
         let cutoff = super::now_ms()
             .saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX));
-        let busy = self.redriving_ids().clone();
-        // Not take_while: records parked again keep their first failure but sit at the end.
-        let expired: Vec<(String, Kind, u32)> = self
-            .lock()
-            .entries()
-            .filter(|e| e.meta.first_failure_ms < cutoff && !busy.contains(&e.id))
-            .map(|e| (e.id.clone(), e.meta.kind, e.meta.readings))
-            .collect();
+        let expired: Vec<(String, Kind, u32)> = {
+            let mut claimed = self.claimed();
+            // Not take_while: records parked again keep their first failure but sit at the end.
+            let expired: Vec<(String, Kind, u32)> = self
+                .lock()
+                .entries()
+                .filter(|e| e.meta.first_failure_ms < cutoff && !claimed.contains(&e.id))
+                .map(|e| (e.id.clone(), e.meta.kind, e.meta.readings))
+                .collect();
+            claimed.extend(expired.iter().map(|(id, _, _)| id.clone()));
+            expired
+        };
         if expired.is_empty() {
             return Ok(());
         }
@@ -139,9 +144,16 @@ impl SharedDlq {
             .filter(|(_, k, _)| k.accepted())
             .map(|(_, _, n)| u64::from(*n))
             .sum();
-        let records = expired.len();
-        self.delete(expired.into_iter().map(|(id, _, _)| id).collect())
-            .await?;
+        let ids: Vec<String> = expired.into_iter().map(|(id, _, _)| id).collect();
+        let records = ids.len();
+        let deleted = self.delete(ids.clone()).await;
+        {
+            let mut claimed = self.claimed();
+            for id in &ids {
+                claimed.remove(id);
+            }
+        }
+        deleted?;
         self.metrics.dlq_expired_readings.inc_by(readings);
         tracing::warn!(
             records,
