@@ -47,7 +47,20 @@ pub struct Config {
     pub admin: AdminConfig,
     pub log: LogConfig,
     pub dlq: DlqConfig,
+    pub self_metrics: SelfMetricsSection,
     pub shutdown: ShutdownConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SelfMetricsSection {
+    pub enabled: bool,
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    #[serde(deserialize_with = "lossy_string")]
+    pub measurement: String,
+    #[serde(deserialize_with = "lossy_string")]
+    pub instance: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

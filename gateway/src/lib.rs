@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod queue;
 pub mod redrive;
 pub mod retry;
+pub mod selfmetrics;
 pub mod sink;
 
 use std::future::Future;
@@ -83,6 +84,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<L
     // The running gateway holds batches when the DLQ is full, and leaves probing a down sink
     // to redrive when that is on.
     let policy = deliver::Policy::new(s, true, config.dlq.redrive);
+    let self_metrics_sink = sink.clone();
     let deliverer = Arc::new(deliver::Deliverer::new(
         sink,
         metrics.clone(),
@@ -109,6 +111,25 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<L
     let batcher = tokio::spawn(batch::run(queue_rx, limits, deliverer.clone()));
 
     let background_stop = CancellationToken::new();
+    if config.self_metrics.enabled {
+        let sm = &config.self_metrics;
+        let instance = if sm.instance.is_empty() {
+            config.mqtt.client_id.clone()
+        } else {
+            sm.instance.clone()
+        };
+        let sm_config = selfmetrics::SelfMetricsConfig {
+            interval: sm.interval,
+            measurement: sm.measurement.clone(),
+            instance,
+        };
+        tokio::spawn(selfmetrics::run(
+            self_metrics_sink,
+            metrics.clone(),
+            sm_config,
+            background_stop.clone(),
+        ));
+    }
     let redrive = config.dlq.redrive.then(|| {
         let redrive_config = redrive::RedriveConfig {
             interval: config.dlq.redrive_interval,

@@ -59,6 +59,9 @@ pub struct Metrics {
     pub broker_dropped: Counter,
     pub broker_alerts: Counter,
     pub ingest_up: Gauge,
+    pub self_metrics_failed: Counter,
+    /// Lag since the last self-metrics write (not exposed: `/metrics` has the histogram).
+    pub lag_window: crate::selfmetrics::LagWindow,
 }
 
 impl Metrics {
@@ -95,6 +98,8 @@ impl Metrics {
             broker_dropped: Counter::default(),
             broker_alerts: Counter::default(),
             ingest_up: Gauge::default(),
+            self_metrics_failed: Counter::default(),
+            lag_window: Default::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;

@@ -74,6 +74,7 @@ pub enum BuildError {
 }
 
 /// Sends one body per call; retries are the caller's.
+#[derive(Clone)]
 pub enum Sink {
     V1(v1::V1),
     V2(v2::V2),

@@ -5,6 +5,7 @@ use std::time::Duration;
 use super::{gzip_headers, http_client, transport_error, BuildError, SinkError};
 use crate::config::{Secret, SinkConfig};
 
+#[derive(Clone)]
 pub struct V1 {
     client: reqwest::Client,
     url: reqwest::Url,

@@ -3,6 +3,7 @@
 use super::{gzip_headers, http_client, transport_error, BuildError, SinkError};
 use crate::config::SinkConfig;
 
+#[derive(Clone)]
 pub struct V2 {
     client: influxdb2::Client,
     org: String,
