@@ -24,6 +24,7 @@ fn bench(c: &mut Criterion) {
     let options = Options {
         max_bytes: 64 << 30,
         segment_bytes: 64 << 20,
+        sync: true,
     };
     let (mut q, _) = Dlq::open(dir.path(), options, true).expect("open");
     let mut group = c.benchmark_group("dlq");

@@ -53,11 +53,7 @@ pub enum RunError {
 
 /// Opens the dead-letter queue for writing, reporting what recovery found.
 fn open_dlq(config: &Config, metrics: Arc<Metrics>) -> Result<Arc<dlq::SharedDlq>, dlq::DlqError> {
-    let options = dlq::Options {
-        max_bytes: config.dlq.max_bytes.as_u64(),
-        segment_bytes: config.dlq.segment_bytes.as_u64(),
-    };
-    let (queue, recovery) = dlq::Dlq::open(&config.dlq.dir, options, true)?;
+    let (queue, recovery) = dlq::Dlq::open(&config.dlq.dir, dlq::options(&config.dlq), true)?;
     for damage in &recovery.damaged {
         error!(%damage, "dead-letter queue damage");
     }

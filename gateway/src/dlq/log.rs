@@ -16,6 +16,9 @@ pub struct Options {
     pub max_bytes: u64,
     /// A new segment starts when the active one would pass this.
     pub segment_bytes: u64,
+    /// fdatasync every append before it returns (the dead-letter queue's promise). The spill
+    /// buffer turns it off: it survives a crash of the process, not of the machine.
+    pub sync: bool,
 }
 
 /// One live record, as listed. The data stays on disk until asked for.
@@ -268,6 +271,7 @@ impl Dlq {
                 recovery
                     .damaged
                     .push(format!("{}: not a DLQ segment, left alone", path.display()));
+                self.damaged.insert(seq);
             }
             return Ok(());
         }
@@ -313,6 +317,7 @@ impl Dlq {
                 recovery
                     .damaged
                     .push(format!("record {id}: malformed body, skipped"));
+                self.damaged.insert(seq);
                 continue;
             };
             match serde_json::from_slice::<Meta>(meta) {
@@ -327,9 +332,12 @@ impl Dlq {
                     };
                     self.live.insert((seq, pos - frame_len), entry);
                 }
-                Err(e) => recovery
-                    .damaged
-                    .push(format!("record {id}: unreadable metadata ({e}), skipped")),
+                Err(e) => {
+                    recovery
+                        .damaged
+                        .push(format!("record {id}: unreadable metadata ({e}), skipped"));
+                    self.damaged.insert(seq);
+                }
             }
         }
         self.segments.insert(seq, (live, pos));
@@ -417,13 +425,16 @@ impl Dlq {
         let offset = active.len;
         let mut frame = Vec::with_capacity(frame_len as usize);
         format::write_frame(&mut frame, &body).map_err(io_err(&path))?;
+        let sync = self.options.sync;
         if let Err(e) = active
             .file
             .write_all(&frame)
-            .and_then(|()| active.file.sync_data())
+            .and_then(|()| if sync { active.file.sync_data() } else { Ok(()) })
         {
-            // Leave no half record behind for the next append to follow.
+            // Leave no half record behind; and since the file's length is now uncertain,
+            // the next append starts a new segment rather than trust `len`.
             let _ = active.file.set_len(offset);
+            self.active = None;
             return Err(io_err(&path)(e));
         }
         active.len += frame_len;
@@ -638,6 +649,7 @@ mod tests {
         Options {
             max_bytes: 1 << 20,
             segment_bytes: 4096,
+            sync: true,
         }
     }
 
@@ -704,6 +716,7 @@ mod tests {
         let small = Options {
             max_bytes: 600,
             segment_bytes: 4096,
+            sync: true,
         };
         let (mut q, _) = Dlq::open(dir.path(), small, true).expect("open");
         q.append(&meta(Kind::RetriesExhausted, 1), &[b'x'; 200])

@@ -102,6 +102,11 @@ pub enum DlqError {
     },
 }
 
+/// The dead-letter queue's options from `[dlq]`: every append fsynced.
+pub fn options(config: &crate::config::DlqConfig) -> Options {
+    Options { max_bytes: config.max_bytes.as_u64(), segment_bytes: config.segment_bytes.as_u64(), sync: true }
+}
+
 /// Unix milliseconds now.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()

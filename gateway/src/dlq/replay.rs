@@ -38,10 +38,7 @@ pub enum CommandError {
 }
 
 fn options(config: &Config) -> Options {
-    Options {
-        max_bytes: config.dlq.max_bytes.as_u64(),
-        segment_bytes: config.dlq.segment_bytes.as_u64(),
-    }
+    super::options(&config.dlq)
 }
 
 /// A record as `list` and `show` print it.
