@@ -42,7 +42,7 @@ else
 fi
 
 GATEWAY_MQTT__LISTEN="127.0.0.1:$MQTT_PORT" GATEWAY_MQTT__LISTEN_V5="127.0.0.1:$((MQTT_PORT + 1))" \
-  GATEWAY_ADMIN__LISTEN="$ADMIN" GATEWAY_DLQ__DIR="$work/dlq" \
+  GATEWAY_ADMIN__LISTEN="$ADMIN" GATEWAY_DLQ__DIR="$work/dlq" GATEWAY_QUEUE__SPILL_DIR="$work/spill" \
   ./target/release/gateway run >"$work/gateway.log" 2>&1 &
 gateway_pid=$!
 pids+=("$gateway_pid")

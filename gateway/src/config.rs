@@ -42,6 +42,7 @@ pub struct Config {
     pub mqtt: MqttConfig,
     pub decode: DecodeConfig,
     pub queue: QueueConfig,
+    pub limits: LimitsConfig,
     pub batch: BatchConfig,
     pub sink: SinkConfig,
     pub admin: AdminConfig,
@@ -108,6 +109,28 @@ pub struct DecodeConfig {
 pub struct QueueConfig {
     pub max_readings: usize,
     pub max_bytes: ByteSize,
+    pub when_full: WhenFull,
+    pub spill_dir: PathBuf,
+    pub spill_max_bytes: ByteSize,
+}
+
+/// What the queue does when it is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFull {
+    /// Ingest waits: stop pulling (and, in external mode, acknowledging).
+    Block,
+    /// Overflow to the spill buffer on disk; drained back in order.
+    Spill,
+    /// Refuse the message, counted as `queue_full`. Only when an operator chooses it.
+    DropNewest,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    pub device_rate: u32,
+    pub device_burst: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -26,6 +26,7 @@ pub mod redrive;
 pub mod retry;
 pub mod selfmetrics;
 pub mod sink;
+pub mod spill;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -33,7 +34,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use config::{Config, MqttMode};
+use config::{Config, MqttMode, WhenFull};
 use metrics::{Ledger, Metrics};
 
 #[derive(Debug, thiserror::Error)]
@@ -47,7 +48,7 @@ pub enum RunError {
     Sink(#[from] sink::BuildError),
     #[error("mqtt.topic: {0}")]
     Topic(#[from] decode::topic::PatternError),
-    #[error("dlq.dir: {0}")]
+    #[error("dlq.dir or queue.spill_dir: {0}")]
     Dlq(#[from] dlq::DlqError),
 }
 
@@ -164,11 +165,38 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<L
             metrics.clone(),
         )
     });
+    let drain_stop = CancellationToken::new();
+    let (overflow, spill, drainer) = match config.queue.when_full {
+        WhenFull::Block => (ingest::Overflow::Block, None, None),
+        WhenFull::DropNewest => (ingest::Overflow::DropNewest, None, None),
+        WhenFull::Spill => {
+            let spill = spill::Spill::open(
+                &config.queue.spill_dir,
+                config.queue.spill_max_bytes.as_u64(),
+                metrics.clone(),
+            )?;
+            let drainer = tokio::spawn(spill::drain(
+                spill.clone(),
+                queue_tx.clone(),
+                drain_stop.clone(),
+            ));
+            (
+                ingest::Overflow::Spill(spill.clone()),
+                Some(spill),
+                Some(drainer),
+            )
+        }
+    };
+    let limiter = (config.limits.device_rate > 0).then(|| {
+        ingest::limit::RateLimiter::new(config.limits.device_rate, config.limits.device_burst)
+    });
     let intake = ingest::Intake::new(
         decode::Decoder::new(config.limits(), pattern),
         queue_tx,
         metrics.clone(),
         rejects,
+        overflow,
+        limiter,
     );
     let ingest_stop = CancellationToken::new();
     let mut ingest = match config.mqtt.mode {
@@ -185,10 +213,21 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<L
         _ = &mut ingest => error!("ingest stopped on its own; flushing what is held"),
     }
     ingest_stop.cancel();
-    // Ingest owns the only queue sender: once it is gone the batcher drains and returns.
     let _ = ingest.await;
+    let flush_deadline = tokio::time::Instant::now() + config.shutdown.timeout;
+    if let (Some(spill), Some(drainer)) = (spill, drainer) {
+        // Let the spill drain into the queue while there is time; what is left stays on disk
+        // for the next start.
+        while spill.is_active() && tokio::time::Instant::now() < flush_deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        drain_stop.cancel();
+        let _ = drainer.await;
+        spill.persist(Vec::new());
+    }
+    // Ingest and the drainer held the only queue senders: now the batcher drains and returns.
     let mut batcher = batcher;
-    if tokio::time::timeout(config.shutdown.timeout, &mut batcher)
+    if tokio::time::timeout_at(flush_deadline, &mut batcher)
         .await
         .is_err()
     {
@@ -208,8 +247,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<L
             ?ledger,
             "stopped with readings neither written nor parked (see the errors above)"
         );
-    } else if ledger.in_dlq > 0 {
-        warn!(?ledger, dlq = %config.dlq.dir.display(), "stopped; some readings wait in the dead-letter queue");
+    } else if ledger.in_dlq + ledger.spilled > 0 {
+        warn!(?ledger, dlq = %config.dlq.dir.display(), spill = %config.queue.spill_dir.display(), "stopped; some readings wait in the dead-letter queue or the spill buffer");
     } else {
         info!(?ledger, "stopped: every accepted reading was written");
     }

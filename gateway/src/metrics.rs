@@ -1,6 +1,7 @@
 //! Self-metrics (CONTRACT §4 names) and the ledger they prove.
 //!
-//! Ledger ([`Ledger`]): `accepted + inherited = written + in the DLQ + expired + queued + in flight`.
+//! Ledger ([`Ledger`]):
+//! `accepted + inherited = written + in the DLQ + expired + spilled + queued + in flight`.
 //! Each reading moves between the right-hand terms with counter steps in the task that moves it,
 //! so a scrape sees the ledger balanced up to the reading being moved at that instant.
 
@@ -60,6 +61,11 @@ pub struct Metrics {
     pub broker_alerts: Counter,
     pub ingest_up: Gauge,
     pub self_metrics_failed: Counter,
+    pub spill_readings: Gauge,
+    pub spill_bytes: Gauge,
+    pub spill_inherited_readings: Gauge,
+    pub spill_readings_total: Counter,
+    pub spill_drained_readings: Counter,
     /// Lag since the last self-metrics write (not exposed: `/metrics` has the histogram).
     pub lag_window: crate::selfmetrics::LagWindow,
 }
@@ -99,6 +105,11 @@ impl Metrics {
             broker_alerts: Counter::default(),
             ingest_up: Gauge::default(),
             self_metrics_failed: Counter::default(),
+            spill_readings: Gauge::default(),
+            spill_bytes: Gauge::default(),
+            spill_inherited_readings: Gauge::default(),
+            spill_readings_total: Counter::default(),
+            spill_drained_readings: Counter::default(),
             lag_window: Default::default(),
             registry: Registry::default(),
         };
@@ -253,6 +264,36 @@ impl Metrics {
             "1 while MQTT ingest is running",
             m.ingest_up.clone(),
         );
+        r.register(
+            "gateway_self_metrics_failed",
+            "Self-metrics writes to the sink that failed (not retried)",
+            m.self_metrics_failed.clone(),
+        );
+        r.register(
+            "gateway_spill_readings",
+            "Accepted readings in the spill buffer (on disk or about to be), waiting for queue room",
+            m.spill_readings.clone(),
+        );
+        r.register(
+            "gateway_spill_bytes",
+            "Bytes of the spill buffer, disk and memory",
+            m.spill_bytes.clone(),
+        );
+        r.register(
+            "gateway_spill_inherited_readings",
+            "Readings that were in the spill buffer when this process started",
+            m.spill_inherited_readings.clone(),
+        );
+        r.register(
+            "gateway_spilled_readings",
+            "Readings spilled to disk because the queue was full",
+            m.spill_readings_total.clone(),
+        );
+        r.register(
+            "gateway_spill_drained_readings",
+            "Readings moved from the spill buffer back into the queue",
+            m.spill_drained_readings.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -280,10 +321,12 @@ impl Metrics {
     pub fn ledger(&self) -> Ledger {
         Ledger {
             accepted: self.readings_accepted.get(),
-            inherited: self.dlq_inherited_readings.get().max(0) as u64,
+            inherited: (self.dlq_inherited_readings.get() + self.spill_inherited_readings.get())
+                .max(0) as u64,
             written: self.sink_readings_written.get(),
             in_dlq: self.dlq_readings.get().max(0) as u64,
             expired: self.dlq_expired_readings.get(),
+            spilled: self.spill_readings.get().max(0) as u64,
             queued: self.queue_readings.get().max(0) as u64,
             in_flight: self.readings_in_flight.get().max(0) as u64,
         }
@@ -296,9 +339,10 @@ impl Default for Metrics {
     }
 }
 
-/// `accepted + inherited = written + in_dlq + expired + queued + in_flight`: every reading this
-/// process accepted, plus those it found in the dead-letter queue at start, is written, parked,
-/// deleted by the retention the operator set, or still on its way.
+/// `accepted + inherited = written + in_dlq + expired + spilled + queued + in_flight`: every
+/// reading this process accepted, plus those it found in the dead-letter queue and the spill
+/// buffer at start, is written, parked, deleted by the retention the operator set, waiting on
+/// disk for queue room, or on its way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ledger {
     pub accepted: u64,
@@ -306,6 +350,7 @@ pub struct Ledger {
     pub written: u64,
     pub in_dlq: u64,
     pub expired: u64,
+    pub spilled: u64,
     pub queued: u64,
     pub in_flight: u64,
 }
@@ -313,6 +358,11 @@ pub struct Ledger {
 impl Ledger {
     pub fn balanced(&self) -> bool {
         self.accepted + self.inherited
-            == self.written + self.in_dlq + self.expired + self.queued + self.in_flight
+            == self.written
+                + self.in_dlq
+                + self.expired
+                + self.spilled
+                + self.queued
+                + self.in_flight
     }
 }

@@ -25,6 +25,9 @@ pub struct Chunk {
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
+    /// No room right now (only from `try_push`): spill it, wait, or refuse it.
+    #[error("queue full")]
+    Full(Chunk),
     /// The consumer is gone (shutdown); the chunk comes back so the caller can account for it.
     #[error("queue closed")]
     Closed(Chunk),
@@ -74,9 +77,18 @@ pub struct QueueTx {
 }
 
 impl QueueTx {
-    /// Waits for room, then enqueues. A chunk bigger than the whole queue waits for an empty
-    /// queue rather than forever.
+    /// Waits for room, then enqueues: newly accepted readings. A chunk bigger than the whole
+    /// queue waits for an empty queue rather than forever.
     pub async fn push(&self, chunk: Chunk) -> Result<(), QueueError> {
+        self.push_counted(chunk, true).await
+    }
+
+    /// Like [`Self::push`], for readings accepted earlier (coming back from the spill).
+    pub async fn push_drained(&self, chunk: Chunk) -> Result<(), QueueError> {
+        self.push_counted(chunk, false).await
+    }
+
+    async fn push_counted(&self, chunk: Chunk, newly_accepted: bool) -> Result<(), QueueError> {
         let (readings, bytes) = self.capacity.cost(&chunk);
         let Ok(r) = self.capacity.readings.acquire_many(readings).await else {
             return Err(QueueError::Closed(chunk));
@@ -84,13 +96,46 @@ impl QueueTx {
         let Ok(b) = self.capacity.bytes.acquire_many(bytes).await else {
             return Err(QueueError::Closed(chunk));
         };
+        self.send(chunk, r, b, newly_accepted).await
+    }
+
+    /// Enqueues only if there is room now; a full queue hands the chunk back.
+    pub async fn try_push(&self, chunk: Chunk) -> Result<(), QueueError> {
+        self.try_push_counted(chunk, true).await
+    }
+
+    /// Like [`Self::try_push`], for readings coming back from the spill.
+    pub async fn try_push_drained(&self, chunk: Chunk) -> Result<(), QueueError> {
+        self.try_push_counted(chunk, false).await
+    }
+
+    async fn try_push_counted(&self, chunk: Chunk, newly_accepted: bool) -> Result<(), QueueError> {
+        let (readings, bytes) = self.capacity.cost(&chunk);
+        let Ok(r) = self.capacity.readings.try_acquire_many(readings) else {
+            return Err(QueueError::Full(chunk));
+        };
+        let Ok(b) = self.capacity.bytes.try_acquire_many(bytes) else {
+            return Err(QueueError::Full(chunk));
+        };
+        self.send(chunk, r, b, newly_accepted).await
+    }
+
+    async fn send(
+        &self,
+        chunk: Chunk,
+        r: tokio::sync::SemaphorePermit<'_>,
+        b: tokio::sync::SemaphorePermit<'_>,
+        newly_accepted: bool,
+    ) -> Result<(), QueueError> {
         let (n, len) = (chunk.readings, chunk.lines.len());
         match self.tx.send(chunk).await {
             Ok(()) => {
                 // The consumer gives the permits back when it takes the chunk.
                 r.forget();
                 b.forget();
-                self.metrics.readings_accepted.inc_by(u64::from(n));
+                if newly_accepted {
+                    self.metrics.readings_accepted.inc_by(u64::from(n));
+                }
                 self.metrics.queue_readings.inc_by(i64::from(n));
                 self.metrics.queue_bytes.inc_by(len as i64);
                 Ok(())
@@ -193,7 +238,7 @@ mod tests {
         drop(rx);
         match tx.push(chunk(3, 5)).await {
             Err(QueueError::Closed(c)) => assert_eq!(c.readings, 3),
-            Ok(()) => panic!("push into a closed queue must fail"),
+            Err(QueueError::Full(_)) | Ok(()) => panic!("push into a closed queue must fail"),
         }
     }
 }

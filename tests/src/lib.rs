@@ -276,6 +276,7 @@ impl Gateway {
             .env("GATEWAY_MQTT__LISTEN_V5", format!("127.0.0.1:{mqtt5_port}"))
             .env("GATEWAY_ADMIN__LISTEN", format!("127.0.0.1:{admin_port}"))
             .env("GATEWAY_DLQ__DIR", dir.path().join("dlq"))
+            .env("GATEWAY_QUEUE__SPILL_DIR", dir.path().join("spill"))
             .env("GATEWAY_LOG__FORMAT", "json")
             .env(
                 "GATEWAY_LOG__LEVEL",
@@ -288,10 +289,16 @@ impl Gateway {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("gateway starts");
-        let mut all_env: Vec<(String, String)> = vec![(
-            "GATEWAY_DLQ__DIR".into(),
-            dir.path().join("dlq").display().to_string(),
-        )];
+        let mut all_env: Vec<(String, String)> = vec![
+            (
+                "GATEWAY_DLQ__DIR".into(),
+                dir.path().join("dlq").display().to_string(),
+            ),
+            (
+                "GATEWAY_QUEUE__SPILL_DIR".into(),
+                dir.path().join("spill").display().to_string(),
+            ),
+        ];
         all_env.extend(env.iter().map(|(k, v)| (k.to_string(), v.clone())));
         let gw = Self {
             proc: Proc {

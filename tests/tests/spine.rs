@@ -546,6 +546,8 @@ async fn broker_overflow_is_counted_exactly() {
         ("GATEWAY_SINK__MAX_ATTEMPTS", "1".into()),
         ("GATEWAY_SINK__MAX_IN_FLIGHT", "1".into()),
         ("GATEWAY_QUEUE__MAX_READINGS", "10".into()),
+        // Waiting, not spilling: the point is to make the broker overflow.
+        ("GATEWAY_QUEUE__WHEN_FULL", "block".into()),
         ("GATEWAY_BATCH__MAX_READINGS", "10".into()),
         // The smallest broker log the config allows: 2 segments of 1 MiB.
         ("GATEWAY_MQTT__BROKER_SEGMENT_SIZE", "1MiB".into()),

@@ -426,11 +426,13 @@ impl Dlq {
         let mut frame = Vec::with_capacity(frame_len as usize);
         format::write_frame(&mut frame, &body).map_err(io_err(&path))?;
         let sync = self.options.sync;
-        if let Err(e) = active
-            .file
-            .write_all(&frame)
-            .and_then(|()| if sync { active.file.sync_data() } else { Ok(()) })
-        {
+        if let Err(e) = active.file.write_all(&frame).and_then(|()| {
+            if sync {
+                active.file.sync_data()
+            } else {
+                Ok(())
+            }
+        }) {
             // Leave no half record behind; and since the file's length is now uncertain,
             // the next append starts a new segment rather than trust `len`.
             let _ = active.file.set_len(offset);

@@ -27,6 +27,9 @@ pub enum Kind {
     RefusedBySink,
     /// A payload the gateway could not decode, kept with its topic and the reason.
     RejectedInput,
+    /// Not a dead letter: accepted lines waiting on disk for room in the queue. Only the spill
+    /// buffer (`queue.spill_dir`) holds these; it shares this log's format and code.
+    Spilled,
 }
 
 impl Kind {
@@ -36,14 +39,16 @@ impl Kind {
             Kind::RejectedBySink => "rejected_by_sink",
             Kind::RefusedBySink => "refused_by_sink",
             Kind::RejectedInput => "rejected_input",
+            Kind::Spilled => "spilled",
         }
     }
 
-    pub const ALL: [Kind; 4] = [
+    pub const ALL: [Kind; 5] = [
         Kind::RetriesExhausted,
         Kind::RejectedBySink,
         Kind::RefusedBySink,
         Kind::RejectedInput,
+        Kind::Spilled,
     ];
 
     /// Whether the record holds readings the gateway accepted (and so counts in the ledger).
@@ -104,7 +109,11 @@ pub enum DlqError {
 
 /// The dead-letter queue's options from `[dlq]`: every append fsynced.
 pub fn options(config: &crate::config::DlqConfig) -> Options {
-    Options { max_bytes: config.max_bytes.as_u64(), segment_bytes: config.segment_bytes.as_u64(), sync: true }
+    Options {
+        max_bytes: config.max_bytes.as_u64(),
+        segment_bytes: config.segment_bytes.as_u64(),
+        sync: true,
+    }
 }
 
 /// Unix milliseconds now.

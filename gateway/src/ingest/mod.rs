@@ -4,6 +4,7 @@
 //! rejection by reason, and push the accepted lines onto the bounded queue (waiting when full).
 
 pub mod embedded;
+pub mod limit;
 pub mod rejects;
 
 use std::sync::Arc;
@@ -35,11 +36,20 @@ pub enum IngestError {
 /// Rejections logged per second at most; the counters keep the full count.
 const LOG_BUDGET_PER_SEC: u32 = 20;
 
+/// Where a chunk goes when the queue is full (`queue.when_full`).
+pub enum Overflow {
+    Block,
+    Spill(Arc<crate::spill::Spill>),
+    DropNewest,
+}
+
 pub struct Intake {
     decoder: Decoder,
     queue: QueueTx,
     metrics: Arc<Metrics>,
     rejects: Option<rejects::Rejects>,
+    overflow: Overflow,
+    limiter: Option<limit::RateLimiter>,
     log_window: Instant,
     logged: u32,
 }
@@ -51,12 +61,16 @@ impl Intake {
         queue: QueueTx,
         metrics: Arc<Metrics>,
         rejects: Option<rejects::Rejects>,
+        overflow: Overflow,
+        limiter: Option<limit::RateLimiter>,
     ) -> Self {
         Self {
             decoder,
             queue,
             metrics,
             rejects,
+            overflow,
+            limiter,
             log_window: Instant::now(),
             logged: 0,
         }
@@ -106,7 +120,7 @@ impl Intake {
                         received,
                         topic: topic.into(),
                     };
-                    self.queue.push(chunk).await?;
+                    self.admit(chunk).await?;
                 }
             }
             Err(e) => {
@@ -121,6 +135,68 @@ impl Intake {
             }
         }
         Ok(())
+    }
+
+    /// Applies the rate limit, then queues the chunk, or overflows it as `queue.when_full` says.
+    async fn admit(&mut self, chunk: Chunk) -> Result<(), QueueError> {
+        if let Some(limiter) = self.limiter.as_mut() {
+            let device = self.decoder.device_of(&chunk.topic).unwrap_or("");
+            if !limiter.admit(device, chunk.readings) {
+                let topic = chunk.topic.clone();
+                self.refuse(
+                    "rate_limited",
+                    chunk.readings,
+                    &topic,
+                    "the device is over limits.device_rate",
+                );
+                return Ok(());
+            }
+        }
+        match &self.overflow {
+            Overflow::Block => self.queue.push(chunk).await,
+            Overflow::Spill(spill) => {
+                // Behind anything already spilled, so that order is kept.
+                if spill.is_active() {
+                    spill.add(chunk).await;
+                    return Ok(());
+                }
+                match self.queue.try_push(chunk).await {
+                    Err(QueueError::Full(chunk)) => {
+                        spill.clone().add(chunk).await;
+                        Ok(())
+                    }
+                    other => other,
+                }
+            }
+            Overflow::DropNewest => match self.queue.try_push(chunk).await {
+                Err(QueueError::Full(chunk)) => {
+                    self.refuse(
+                        "queue_full",
+                        chunk.readings,
+                        &chunk.topic,
+                        "the queue is full (queue.when_full = \"drop_newest\")",
+                    );
+                    Ok(())
+                }
+                other => other,
+            },
+        }
+    }
+
+    /// Refuses a decoded message whole for a reason of admission, not of its content.
+    fn refuse(&mut self, reason: &'static str, readings: u32, topic: &str, why: &str) {
+        self.metrics
+            .readings_rejected
+            .get_or_create(&crate::metrics::Reason { reason })
+            .inc_by(u64::from(readings));
+        self.metrics
+            .messages_rejected
+            .get_or_create(&crate::metrics::Reason { reason })
+            .inc();
+        if self.log_allowed() {
+            let topic: String = topic.chars().take(128).collect();
+            warn!(reason, %topic, readings, "refused: {why}");
+        }
     }
 
     fn keep(
@@ -139,20 +215,25 @@ impl Intake {
 
     fn rejected(&mut self, e: &DecodeError, topic: &str, whole: bool) {
         self.metrics.reject(e.reason(), whole);
+        if self.log_allowed() {
+            let topic: String = topic.chars().take(128).collect();
+            warn!(reason = e.reason(), %topic, whole_message = whole, "rejected: {e}");
+        }
+    }
+
+    /// At most LOG_BUDGET_PER_SEC refusals are logged a second; the counters have them all.
+    fn log_allowed(&mut self) -> bool {
         if self.log_window.elapsed().as_secs() >= 1 {
             if self.logged > LOG_BUDGET_PER_SEC {
                 warn!(
                     suppressed = self.logged - LOG_BUDGET_PER_SEC,
-                    "more rejections than logged; gateway_readings_rejected_total has them all"
+                    "more refusals than logged; gateway_readings_rejected_total has them all"
                 );
             }
             self.log_window = Instant::now();
             self.logged = 0;
         }
         self.logged += 1;
-        if self.logged <= LOG_BUDGET_PER_SEC {
-            let topic: String = topic.chars().take(128).collect();
-            warn!(reason = e.reason(), %topic, whole_message = whole, "rejected: {e}");
-        }
+        self.logged <= LOG_BUDGET_PER_SEC
     }
 }
