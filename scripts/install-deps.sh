@@ -9,6 +9,7 @@ command -v victoria-metrics >/dev/null 2>&1 || [ -x /usr/bin/victoria-metrics ] 
 command -v influxd >/dev/null 2>&1 || [ -x /usr/bin/influxd ] || need+=(influxdb influxdb-client)
 [ -x /usr/sbin/mosquitto ] || need+=(mosquitto mosquitto-clients)
 command -v curl >/dev/null 2>&1 || need+=(curl ca-certificates)
+command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
 
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""

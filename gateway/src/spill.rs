@@ -168,14 +168,18 @@ impl Spill {
                 u64::try_from(dlq::now_ms() - meta.first_failure_ms).unwrap_or(0),
             );
             let received = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
-            let topic = meta.topics.first().map_or("", String::as_str).into();
-            let chunk = Chunk {
-                lines: data,
-                readings: meta.readings,
-                received,
-                topic,
-            };
-            return Ok(Some((Some(id), VecDeque::from([chunk]))));
+            let topic: Arc<str> = meta.topics.first().map_or("", String::as_str).into();
+            // Back in pieces of the size messages have, so that batches keep their size.
+            let chunks = split_lines(data, DRAIN_CHUNK_LINES)
+                .into_iter()
+                .map(|(lines, readings)| Chunk {
+                    lines,
+                    readings,
+                    received,
+                    topic: topic.clone(),
+                })
+                .collect();
+            return Ok(Some((Some(id), chunks)));
         }
         if state.buffer.is_empty() {
             return Ok(None);
@@ -213,6 +217,30 @@ impl Spill {
             .spill_readings
             .set(self.readings.load(Ordering::Acquire) as i64);
     }
+}
+
+/// Lines per chunk when a spilled record goes back into the queue.
+const DRAIN_CHUNK_LINES: usize = 1000;
+
+/// Cuts line protocol into pieces of at most `max` lines: (bytes, lines).
+fn split_lines(data: Vec<u8>, max: usize) -> Vec<(Vec<u8>, u32)> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut count = 0;
+    for (i, b) in data.iter().enumerate() {
+        if *b == b'\n' {
+            count += 1;
+            if count == max {
+                out.push((data[start..=i].to_vec(), count as u32));
+                start = i + 1;
+                count = 0;
+            }
+        }
+    }
+    if start < data.len() {
+        out.push((data[start..].to_vec(), count as u32));
+    }
+    out
 }
 
 /// Chunks the drainer holds, and the id of the disk record they came from (`None`: from the
@@ -324,5 +352,20 @@ pub async fn drain(spill: Arc<Spill>, queue: QueueTx, stop: CancellationToken) {
             }
         }
         spill.refresh();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spilled_records_come_back_in_message_sized_pieces() {
+        let data = b"a 1\nb 2\nc 3\nd 4\ne 5\n".to_vec();
+        let pieces = split_lines(data, 2);
+        let counts: Vec<u32> = pieces.iter().map(|(_, n)| *n).collect();
+        assert_eq!(counts, vec![2, 2, 1]);
+        assert_eq!(pieces[2].0, b"e 5\n");
+        assert!(split_lines(Vec::new(), 2).is_empty());
     }
 }

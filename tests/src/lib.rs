@@ -100,6 +100,9 @@ impl VictoriaMetrics {
             .arg("-retentionPeriod=100y")
             .arg("-search.latencyOffset=0s")
             .arg("-search.disableCache")
+            // The same series and timestamp written twice is one sample, as in InfluxDB: a
+            // write that timed out but landed, then retried, must not count twice.
+            .arg("-dedup.minScrapeInterval=1ms")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -138,6 +141,29 @@ impl VictoriaMetrics {
             .filter(|l| !l.trim().is_empty())
             .map(|l| serde_json::from_str(l).with_context(|| format!("export line {l}")))
             .collect()
+    }
+
+    /// Number of samples of `metric` in the last `hours`, counted by the server (cheaper than
+    /// an export for millions of samples).
+    pub async fn count_samples(&self, metric: &str, hours: u32) -> Result<u64> {
+        http()
+            .post(format!("{}/internal/force_flush", self.url))
+            .send()
+            .await?;
+        let query = format!("sum(count_over_time({{__name__=\"{metric}\"}}[{hours}h]))");
+        let body: serde_json::Value = http()
+            .get(format!("{}/api/v1/query", self.url))
+            .query(&[("query", query.as_str())])
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let value = body
+            .pointer("/data/result/0/value/1")
+            .and_then(|v| v.as_str())
+            .unwrap_or("0");
+        Ok(value.parse::<f64>()? as u64)
     }
 
     /// Number of samples matching `selector`.
@@ -381,6 +407,17 @@ impl Gateway {
         .await
     }
 
+    /// Peak resident memory of the gateway process so far (VmHWM), in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.proc.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    }
+
     /// Sends SIGTERM and waits for the exit.
     pub fn terminate(&mut self) -> ExitStatus {
         let pid = self.proc.child.id().to_string();
@@ -528,6 +565,8 @@ pub async fn publish_v4(port: u16, client_id: &str, messages: Vec<Message>) -> R
     opts.set_keep_alive(Duration::from_secs(30));
     opts.set_max_packet_size(4 << 20, 4 << 20);
     let (client, mut eventloop) = AsyncClient::new(opts, 64);
+    // A thousand devices connecting at once wait in the broker's accept queue.
+    eventloop.network_options.set_connection_timeout(60);
     let total = messages.len();
     let publisher = tokio::spawn(async move {
         for m in messages {

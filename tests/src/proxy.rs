@@ -16,6 +16,8 @@ pub enum Fault {
     Status(u16, Option<u32>),
     /// Read the request and never answer.
     Hang,
+    /// Forward, but let through at most this many lines a second (all requests together).
+    Throttle(u32),
 }
 
 pub struct FaultProxy {
@@ -31,15 +33,16 @@ impl FaultProxy {
         let url = format!("http://{}", listener.local_addr().expect("addr"));
         let fault = Arc::new(Mutex::new(Fault::Pass));
         let faults_served = Arc::new(AtomicU64::new(0));
+        let next_free = Arc::new(tokio::sync::Mutex::new(tokio::time::Instant::now()));
         let upstream = upstream.trim_end_matches('/').to_owned();
-        let (f, n) = (fault.clone(), faults_served.clone());
+        let (f, n, t) = (fault.clone(), faults_served.clone(), next_free.clone());
         let task = tokio::spawn(async move {
             let client = reqwest::Client::new();
             while let Ok((stream, _)) = listener.accept().await {
-                let (f, n, client, upstream) =
-                    (f.clone(), n.clone(), client.clone(), upstream.clone());
+                let (f, n, t) = (f.clone(), n.clone(), t.clone());
+                let (client, upstream) = (client.clone(), upstream.clone());
                 tokio::spawn(async move {
-                    let _ = serve(stream, f, n, client, upstream).await;
+                    let _ = serve(stream, f, n, t, client, upstream).await;
                 });
             }
         });
@@ -71,6 +74,7 @@ async fn serve(
     mut stream: TcpStream,
     fault: Arc<Mutex<Fault>>,
     served: Arc<AtomicU64>,
+    next_free: Arc<tokio::sync::Mutex<tokio::time::Instant>>,
     client: reqwest::Client,
     upstream: String,
 ) -> anyhow::Result<()> {
@@ -131,26 +135,20 @@ async fn serve(
                     b"{\"error\":\"fault injected by the test proxy\"}".to_vec(),
                 )
             }
-            Fault::Pass => {
-                let mut parts = request_line.split(' ');
-                let method = parts.next().unwrap_or("POST");
-                let target = parts.next().unwrap_or("/");
-                let mut req = client.request(
-                    reqwest::Method::from_bytes(method.as_bytes())?,
-                    format!("{upstream}{target}"),
-                );
-                for (k, v) in &headers {
-                    if matches!(
-                        k.as_str(),
-                        "content-encoding" | "content-type" | "authorization"
-                    ) {
-                        req = req.header(k.as_str(), v.as_str());
-                    }
-                }
-                let resp = req.body(body).send().await?;
-                let status = resp.status().as_u16();
-                (status, String::new(), resp.bytes().await?.to_vec())
+            Fault::Throttle(per_sec) => {
+                // Reserve this request's share of the rate, then forward it.
+                let lines = body.iter().filter(|b| **b == b'\n').count() as f64;
+                let wait_until = {
+                    let mut next = next_free.lock().await;
+                    let start = (*next).max(tokio::time::Instant::now());
+                    *next = start
+                        + std::time::Duration::from_secs_f64(lines / f64::from(per_sec.max(1)));
+                    *next
+                };
+                tokio::time::sleep_until(wait_until).await;
+                forward(&client, &upstream, &request_line, &headers, body).await?
             }
+            Fault::Pass => forward(&client, &upstream, &request_line, &headers, body).await?,
         };
         let head = format!(
             "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nContent-Type: application/json\r\n{extra}\r\n",
@@ -159,4 +157,31 @@ async fn serve(
         stream.write_all(head.as_bytes()).await?;
         stream.write_all(&reply).await?;
     }
+}
+
+async fn forward(
+    client: &reqwest::Client,
+    upstream: &str,
+    request_line: &str,
+    headers: &[(String, String)],
+    body: Vec<u8>,
+) -> anyhow::Result<(u16, String, Vec<u8>)> {
+    let mut parts = request_line.split(' ');
+    let method = parts.next().unwrap_or("POST");
+    let target = parts.next().unwrap_or("/");
+    let mut req = client.request(
+        reqwest::Method::from_bytes(method.as_bytes())?,
+        format!("{upstream}{target}"),
+    );
+    for (k, v) in headers {
+        if matches!(
+            k.as_str(),
+            "content-encoding" | "content-type" | "authorization"
+        ) {
+            req = req.header(k.as_str(), v.as_str());
+        }
+    }
+    let resp = req.body(body).send().await?;
+    let status = resp.status().as_u16();
+    Ok((status, String::new(), resp.bytes().await?.to_vec()))
 }

@@ -86,7 +86,8 @@ fn broker_config(config: &Config) -> Result<rumqttd::Config, IngestError> {
         name: name.to_owned(),
         listen,
         tls: None,
-        next_connection_delay_ms: 1,
+        // No pause between accepts: a fleet reconnecting at once is the normal case.
+        next_connection_delay_ms: 0,
         connections: connections.clone(),
     };
     // RouterConfig::default() has max_connections = 0 and max_segment_size = 0, which make

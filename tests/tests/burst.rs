@@ -1,0 +1,301 @@
+//! Bursts without loss: a full queue spills to disk and drains back in order, memory stays
+//! bounded, a per-device rate limit refuses with a counted reason.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use ciborium::Value as C;
+use e2e::proxy::{Fault, FaultProxy};
+use e2e::*;
+
+fn g(m: &HashMap<String, f64>, k: &str) -> f64 {
+    m.get(k).copied().unwrap_or(0.0)
+}
+
+/// `devices` devices × `messages` CBOR messages × `per_message` readings with field `v`, on
+/// `measurement`; every reading of a device has its own millisecond.
+fn burst(
+    devices: usize,
+    messages: usize,
+    per_message: usize,
+    measurement: &str,
+) -> Vec<(String, Vec<Message>)> {
+    let base = base_ms();
+    (0..devices)
+        .map(|d| {
+            let device = format!("{measurement}-{d:04}");
+            let msgs = (0..messages)
+                .map(|m| {
+                    let readings = (0..per_message)
+                        .map(|r| {
+                            let i = (m * per_message + r) as i64;
+                            C::Map(vec![
+                                (C::Text("ts".into()), C::Integer((base + i).into())),
+                                (
+                                    C::Text("fields".into()),
+                                    C::Map(vec![(C::Text("v".into()), C::Float(i as f64))]),
+                                ),
+                            ])
+                        })
+                        .collect();
+                    Message {
+                        topic: format!("telemetry/{device}/{measurement}"),
+                        payload: cbor(&C::Array(readings)),
+                        content_type: None,
+                    }
+                })
+                .collect();
+            (device, msgs)
+        })
+        .collect()
+}
+
+async fn publish_all(port: u16, fleet: Vec<(String, Vec<Message>)>) -> Duration {
+    let started = Instant::now();
+    let tasks: Vec<_> = fleet
+        .into_iter()
+        .map(|(device, msgs)| tokio::spawn(async move { publish_v4(port, &device, msgs).await }))
+        .collect();
+    for t in tasks {
+        t.await.expect("task").expect("published and acknowledged");
+    }
+    started.elapsed()
+}
+
+/// Messages from one device that all write the same series and timestamp with a rising
+/// `seq`: if the gateway keeps the order, the sink ends with the last one.
+fn overwrites(device: &str, measurement: &str, count: usize) -> Vec<Message> {
+    let ts = base_ms() - 60_000;
+    (0..count)
+        .map(|k| Message {
+            topic: format!("telemetry/{device}/{measurement}"),
+            payload: serde_json::to_vec(&serde_json::json!({"ts": ts, "fields": {"seq": k}}))
+                .expect("json"),
+            content_type: None,
+        })
+        .collect()
+}
+
+async fn settled(gw: &Gateway, accepted: f64, within: Duration) -> HashMap<String, f64> {
+    let m = eventually(within, "everything written", || async {
+        let m = gw.metrics().await?;
+        let busy = g(&m, "gateway_queue_readings")
+            + g(&m, "gateway_readings_in_flight")
+            + g(&m, "gateway_spill_readings")
+            + g(&m, "gateway_dlq_readings");
+        anyhow::ensure!(
+            busy == 0.0 && g(&m, "gateway_sink_readings_written_total") == accepted,
+            "written {} of {accepted}, {busy} on the way",
+            g(&m, "gateway_sink_readings_written_total")
+        );
+        Ok(m)
+    })
+    .await;
+    assert_eq!(g(&m, "gateway_readings_accepted_total"), accepted);
+    m
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_million_readings_through_a_throttled_sink() {
+    let vm = VictoriaMetrics::start().await;
+    let proxy = FaultProxy::start(&vm.url).await;
+    proxy.set(Fault::Throttle(20_000));
+    // Default sizing: queue 500,000 readings / 128 MiB, broker log 4 × 32 MiB, spill on.
+    let gw = Gateway::start(&[("GATEWAY_SINK__URL", proxy.url.clone())]).await;
+    let fleet = burst(1_000, 10, 100, "burst");
+    let took = publish_all(gw.mqtt_port, fleet).await;
+    eprintln!("burst: 1,000,000 readings from 1,000 devices published in {took:.1?}");
+    let m = settled(&gw, 1_000_000.0, Duration::from_secs(240)).await;
+    let rss = gw.peak_rss();
+    eprintln!(
+        "peak RSS {:.1} MiB; spilled {} readings; broker dropped {}",
+        rss as f64 / 1048576.0,
+        g(&m, "gateway_spilled_readings_total"),
+        g(&m, "gateway_broker_dropped_total")
+    );
+    assert_eq!(
+        g(&m, "gateway_broker_dropped_total"),
+        0.0,
+        "default sizing loses nothing in the broker"
+    );
+    assert!(
+        g(&m, "gateway_spilled_readings_total") > 0.0,
+        "the queue filled and the spill took the rest"
+    );
+    assert_eq!(
+        g(&m, "gateway_spilled_readings_total"),
+        g(&m, "gateway_spill_drained_readings_total")
+    );
+    // Stated bound: queue bytes (128 MiB) + the broker's log (128 MiB) + 128 MiB for the rest.
+    assert!(
+        rss < 384 * 1024 * 1024,
+        "peak RSS {rss} over the stated bound"
+    );
+    let n = eventually(Duration::from_secs(30), "all in the sink", || async {
+        let n = vm.count_samples("burst_v", 3).await?;
+        anyhow::ensure!(n == 1_000_000, "{n} in the sink");
+        Ok(n)
+    })
+    .await;
+    assert_eq!(n, 1_000_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn spill_keeps_the_order_of_a_device() {
+    let influx = Influx1::start("telemetry").await;
+    let proxy = FaultProxy::start(&influx.url).await;
+    proxy.set(Fault::Throttle(20_000));
+    let gw = Gateway::start(&[
+        ("GATEWAY_SINK__API", "v1".into()),
+        ("GATEWAY_SINK__URL", proxy.url.clone()),
+        ("GATEWAY_SINK__DATABASE", "telemetry".into()),
+        // Writes in order, and a small queue so that most of the burst goes through the spill.
+        ("GATEWAY_SINK__MAX_IN_FLIGHT", "1".into()),
+        ("GATEWAY_QUEUE__MAX_READINGS", "2000".into()),
+    ])
+    .await;
+    let port = gw.mqtt_port;
+    let probe = tokio::spawn(async move {
+        publish_v4(port, "order-probe", overwrites("probe", "ordered", 300)).await
+    });
+    publish_all(gw.mqtt_port, burst(20, 20, 100, "ordered")).await;
+    probe.await.expect("task").expect("probe published");
+    let m = settled(&gw, 40_300.0, Duration::from_secs(120)).await;
+    assert!(
+        g(&m, "gateway_spilled_readings_total") > 10_000.0,
+        "the spill was used: {m:?}"
+    );
+    let body = influx
+        .query(
+            "telemetry",
+            "SELECT last(seq) FROM ordered WHERE device = 'probe'",
+        )
+        .await
+        .expect("query");
+    assert_eq!(
+        body.pointer("/results/0/series/0/values/0/1")
+            .and_then(|v| v.as_f64()),
+        Some(299.0),
+        "the last overwrite wins: order kept through queue, spill and batches"
+    );
+    let body = influx
+        .query("telemetry", "SELECT count(v) FROM ordered")
+        .await
+        .expect("query");
+    assert_eq!(
+        body.pointer("/results/0/series/0/values/0/1")
+            .and_then(|v| v.as_u64()),
+        Some(40_000)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sink_down_throughout_a_burst_then_everything_in_order() {
+    let influx = Influx1::start("telemetry").await;
+    let proxy = FaultProxy::start(&influx.url).await;
+    proxy.set(Fault::Status(503, None));
+    let gw = Gateway::start(&[
+        ("GATEWAY_SINK__API", "v1".into()),
+        ("GATEWAY_SINK__URL", proxy.url.clone()),
+        ("GATEWAY_SINK__DATABASE", "telemetry".into()),
+        ("GATEWAY_SINK__MAX_IN_FLIGHT", "1".into()),
+        ("GATEWAY_SINK__MAX_ATTEMPTS", "2".into()),
+        ("GATEWAY_SINK__RETRY_INITIAL", "10ms".into()),
+        ("GATEWAY_SINK__RETRY_MAX", "1s".into()),
+        ("GATEWAY_QUEUE__MAX_READINGS", "5000".into()),
+    ])
+    .await;
+    let port = gw.mqtt_port;
+    let probe = tokio::spawn(async move {
+        publish_v4(port, "down-probe", overwrites("probe", "down", 200)).await
+    });
+    publish_all(gw.mqtt_port, burst(50, 20, 100, "down")).await;
+    probe.await.expect("task").expect("probe published");
+    // Everything is on disk: the dead-letter queue (batches whose writes failed) and the spill.
+    let held = eventually(Duration::from_secs(60), "held on disk", || async {
+        let m = gw.metrics().await?;
+        let held = g(&m, "gateway_dlq_readings")
+            + g(&m, "gateway_spill_readings")
+            + g(&m, "gateway_queue_readings")
+            + g(&m, "gateway_readings_in_flight");
+        anyhow::ensure!(
+            g(&m, "gateway_readings_accepted_total") == 100_200.0 && held == 100_200.0,
+            "held {held}"
+        );
+        Ok(held)
+    })
+    .await;
+    assert_eq!(held, 100_200.0);
+    proxy.set(Fault::Pass);
+    settled(&gw, 100_200.0, Duration::from_secs(120)).await;
+    let body = influx
+        .query(
+            "telemetry",
+            "SELECT last(seq) FROM down WHERE device = 'probe'",
+        )
+        .await
+        .expect("query");
+    assert_eq!(
+        body.pointer("/results/0/series/0/values/0/1")
+            .and_then(|v| v.as_f64()),
+        Some(199.0),
+        "redriven oldest first: the last overwrite wins"
+    );
+    let body = influx
+        .query("telemetry", "SELECT count(v) FROM down")
+        .await
+        .expect("query");
+    assert_eq!(
+        body.pointer("/results/0/series/0/values/0/1")
+            .and_then(|v| v.as_u64()),
+        Some(100_000)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn per_device_rate_limit_refuses_with_a_counted_reason() {
+    let vm = VictoriaMetrics::start().await;
+    let gw = Gateway::start(&[
+        ("GATEWAY_SINK__URL", vm.url.clone()),
+        ("GATEWAY_LIMITS__DEVICE_RATE", "50".into()),
+        ("GATEWAY_LIMITS__DEVICE_BURST", "100".into()),
+    ])
+    .await;
+    let port = gw.mqtt_port;
+    let other = tokio::spawn(async move {
+        publish_v4(port, "calm", burst(1, 1, 100, "calm").remove(0).1).await
+    });
+    // 2,000 readings as fast as possible: the burst of 100 passes, then about 50 a second.
+    let started = Instant::now();
+    publish_v4(
+        gw.mqtt_port,
+        "greedy",
+        burst(1, 20, 100, "greedy").remove(0).1,
+    )
+    .await
+    .expect("published");
+    other.await.expect("task").expect("published");
+    let elapsed = started.elapsed().as_secs_f64();
+    let m = gw
+        .wait_metric("gateway_messages_received_total", 21.0)
+        .await;
+    let limited = g(
+        &m,
+        "gateway_readings_rejected_total{reason=\"rate_limited\"}",
+    );
+    let accepted = g(&m, "gateway_readings_accepted_total");
+    assert_eq!(
+        accepted + limited,
+        2_100.0,
+        "every reading accepted or refused with a reason"
+    );
+    assert!(
+        limited >= 2_000.0 - 100.0 - 50.0 * (elapsed + 1.0) - 100.0,
+        "refused {limited} in {elapsed:.1} s"
+    );
+    assert!(
+        accepted >= 200.0,
+        "the calm device (100) and the greedy device's burst (100) pass"
+    );
+    assert!(gw.logs().contains("rate_limited"));
+}
