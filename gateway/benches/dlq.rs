@@ -47,6 +47,30 @@ fn bench(c: &mut Criterion) {
             BatchSize::SmallInput,
         )
     });
+
+    // The spill buffer: the same log without the per-append fsync, in records of 4 MiB.
+    let spill_dir = tempfile::tempdir().expect("tmp");
+    let spill_options = Options {
+        max_bytes: 64 << 30,
+        segment_bytes: 64 << 20,
+        sync: false,
+    };
+    let (mut spill, _) = Dlq::open(spill_dir.path(), spill_options, true).expect("open");
+    let line = "env,device=dev-00001 v=21.5 1764126000000000000\n";
+    let lines = (4 << 20) / line.len();
+    let data = line.repeat(lines).into_bytes();
+    group.throughput(Throughput::Bytes(data.len() as u64));
+    group.bench_function("spill/append-4MiB", |b| {
+        b.iter(|| spill.append(&meta(lines as u32), &data).expect("append"))
+    });
+    let id = spill.entries().last().expect("a record").id.clone();
+    group.bench_function("spill/read-4MiB", |b| {
+        b.iter_batched(
+            || id.clone(),
+            |id| spill.read(&id).expect("read"),
+            BatchSize::SmallInput,
+        )
+    });
     group.finish();
 }
 
