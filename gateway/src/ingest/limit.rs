@@ -23,7 +23,10 @@ impl RateLimiter {
 
     /// Takes `readings` tokens from `device`'s bucket; false when there are not enough.
     pub fn admit(&mut self, device: &str, readings: u32) -> bool {
-        let now = Instant::now();
+        self.admit_at(device, readings, Instant::now())
+    }
+
+    fn admit_at(&mut self, device: &str, readings: u32, now: Instant) -> bool {
         // Full buckets carry no information: forget them now and then so that the map holds
         // only devices that sent something lately.
         if now.duration_since(self.last_sweep).as_secs() >= 60 {
@@ -60,12 +63,22 @@ mod tests {
 
     #[test]
     fn bursts_then_refuses_then_refills() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + std::time::Duration::from_millis(ms);
         let mut l = RateLimiter::new(1000, 20);
-        assert!((0..20).all(|_| l.admit("a", 1)), "the burst");
-        assert!(!l.admit("a", 1), "then refused");
-        assert!(l.admit("b", 20), "other devices have their own bucket");
-        assert!(!l.admit("c", 21), "more than the burst never fits");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        assert!(l.admit("a", 5), "refilled at the rate");
+        assert!((0..20).all(|_| l.admit_at("a", 1, at(0))), "the burst");
+        assert!(!l.admit_at("a", 1, at(0)), "then refused");
+        assert!(
+            l.admit_at("b", 20, at(0)),
+            "other devices have their own bucket"
+        );
+        assert!(
+            !l.admit_at("c", 21, at(0)),
+            "more than the burst never fits"
+        );
+        assert!(!l.admit_at("a", 5, at(4)), "4 ms refill 4 tokens");
+        assert!(l.admit_at("a", 5, at(5)), "refilled at the rate");
+        assert!(l.admit_at("a", 20, at(1000)), "never beyond the burst");
+        assert!(!l.admit_at("a", 1, at(1000)));
     }
 }
