@@ -391,18 +391,25 @@ impl Gateway {
 
     /// Waits until the ledger is balanced with nothing queued or in flight, and returns it.
     pub async fn drained(&self) -> HashMap<String, f64> {
+        // The broker acknowledges before the gateway reads: wait until nothing is queued or
+        // in flight AND no message arrived since the previous look, so that a message still
+        // being decoded is not missed.
+        let last_seen = std::sync::Mutex::new(-1.0f64);
         eventually(Duration::from_secs(60), "gateway drained", || async {
             let m = self.metrics().await?;
             let g = |k: &str| m.get(k).copied().unwrap_or(0.0);
-            if g("gateway_queue_readings") == 0.0 && g("gateway_readings_in_flight") == 0.0 {
-                Ok(m)
-            } else {
-                bail!(
-                    "queued {} in flight {}",
-                    g("gateway_queue_readings"),
-                    g("gateway_readings_in_flight")
-                )
-            }
+            let received = g("gateway_messages_received_total");
+            let previous = std::mem::replace(&mut *last_seen.lock().expect("lock"), received);
+            anyhow::ensure!(
+                g("gateway_queue_readings") == 0.0
+                    && g("gateway_readings_in_flight") == 0.0
+                    && g("gateway_spill_readings") == 0.0
+                    && received == previous,
+                "queued {} in flight {}, {received} messages received so far",
+                g("gateway_queue_readings"),
+                g("gateway_readings_in_flight")
+            );
+            Ok(m)
         })
         .await
     }
