@@ -190,7 +190,7 @@ async fn spill_keeps_the_order_of_a_device() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sink_down_throughout_a_burst_then_everything_in_order() {
+async fn sink_down_throughout_a_million_reading_burst_then_everything_in_order() {
     let influx = Influx1::start("telemetry").await;
     let proxy = FaultProxy::start(&influx.url).await;
     proxy.set(Fault::Status(503, None));
@@ -209,7 +209,7 @@ async fn sink_down_throughout_a_burst_then_everything_in_order() {
     let probe = tokio::spawn(async move {
         publish_v4(port, "down-probe", overwrites("probe", "down", 200)).await
     });
-    publish_all(gw.mqtt_port, burst(50, 20, 100, "down")).await;
+    publish_all(gw.mqtt_port, burst(1_000, 10, 100, "down")).await;
     probe.await.expect("task").expect("probe published");
     // Everything is on disk: the dead-letter queue (batches whose writes failed) and the spill.
     let held = eventually(Duration::from_secs(60), "held on disk", || async {
@@ -219,15 +219,25 @@ async fn sink_down_throughout_a_burst_then_everything_in_order() {
             + g(&m, "gateway_queue_readings")
             + g(&m, "gateway_readings_in_flight");
         anyhow::ensure!(
-            g(&m, "gateway_readings_accepted_total") == 100_200.0 && held == 100_200.0,
+            g(&m, "gateway_readings_accepted_total") == 1_000_200.0 && held == 1_000_200.0,
             "held {held}"
         );
         Ok(held)
     })
     .await;
-    assert_eq!(held, 100_200.0);
+    assert_eq!(held, 1_000_200.0);
     proxy.set(Fault::Pass);
-    settled(&gw, 100_200.0, Duration::from_secs(120)).await;
+    let m = settled(&gw, 1_000_200.0, Duration::from_secs(120)).await;
+    eprintln!(
+        "sink down: parked {} readings, spilled {}, redriven {}; peak RSS {:.1} MiB",
+        g(
+            &m,
+            "gateway_dlq_parked_readings_total{kind=\"retries_exhausted\"}"
+        ),
+        g(&m, "gateway_spilled_readings_total"),
+        g(&m, "gateway_dlq_redriven_readings_total"),
+        gw.peak_rss() as f64 / 1048576.0
+    );
     let body = influx
         .query(
             "telemetry",
@@ -248,7 +258,7 @@ async fn sink_down_throughout_a_burst_then_everything_in_order() {
     assert_eq!(
         body.pointer("/results/0/series/0/values/0/1")
             .and_then(|v| v.as_u64()),
-        Some(100_000)
+        Some(1_000_000)
     );
 }
 
