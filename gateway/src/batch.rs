@@ -24,6 +24,16 @@ pub struct Origin {
     pub received: Instant,
     pub readings: u32,
     pub topic: Arc<str>,
+    pub ack: Option<crate::ack::Ack>,
+}
+
+impl Origin {
+    /// These readings are safe (written, parked or refused): settle their acknowledgement.
+    pub fn settle(&self) {
+        if let Some(ack) = &self.ack {
+            ack.settle(self.readings);
+        }
+    }
 }
 
 /// Lines for one write request, with the origin of every line, in order: the lag metric and
@@ -43,6 +53,7 @@ impl Batch {
             received: chunk.received,
             readings: chunk.readings,
             topic: chunk.topic,
+            ack: chunk.ack,
         });
     }
 
@@ -56,6 +67,7 @@ impl Batch {
                 received: Instant::now(),
                 readings,
                 topic,
+                ack: None,
             }],
         }
     }

@@ -439,6 +439,10 @@ impl Deliverer {
                     self.metrics
                         .readings_in_flight
                         .dec_by(i64::from(batch.readings));
+                    // Durable on disk: safe to acknowledge.
+                    for origin in &batch.origins {
+                        origin.settle();
+                    }
                     return ParkOutcome::Stored;
                 }
                 Err(e) if !self.policy.hold_when_full => {
@@ -514,19 +518,16 @@ impl Deliverer {
     /// Counts a written batch; `observe_lag` for live batches (a redriven record's receive
     /// times are not kept, and its lag would read as zero).
     fn written(&self, batch: &Batch, observe_lag: bool) {
-        if observe_lag {
-            let now = Instant::now();
-            for origin in &batch.origins {
-                self.metrics
-                    .end_to_end_lag
-                    .observe(now.duration_since(origin.received).as_secs_f64());
+        let now = Instant::now();
+        for origin in &batch.origins {
+            if observe_lag {
+                let lag = now.duration_since(origin.received).as_secs_f64();
+                self.metrics.end_to_end_lag.observe(lag);
+                self.metrics.lag_window.observe(lag);
             }
+            origin.settle();
         }
-        self.metrics
-            .readings_in_flight
-            .dec_by(i64::from(batch.readings));
-        self.metrics
-            .sink_readings_written
-            .inc_by(u64::from(batch.readings));
+        self.metrics.readings_in_flight.dec_by(i64::from(batch.readings));
+        self.metrics.sink_readings_written.inc_by(u64::from(batch.readings));
     }
 }

@@ -12,6 +12,7 @@
 //!
 //! [`run`] wires them together; the binary and the tests both call it.
 
+pub mod ack;
 pub mod admin;
 pub mod batch;
 pub mod config;

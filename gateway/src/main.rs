@@ -270,9 +270,12 @@ fn init_tracing(config: &Config) {
     // Validated in Config::validate; RUST_LOG wins when set.
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.level));
+    use std::io::IsTerminal;
+    // Colours only for a person at a terminal, not in files or log shippers.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match config.log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),

@@ -61,6 +61,8 @@ pub struct Metrics {
     pub broker_alerts: Counter,
     pub ingest_up: Gauge,
     pub self_metrics_failed: Counter,
+    pub unacked_messages: Gauge,
+    pub messages_redelivered: Counter,
     pub spill_readings: Gauge,
     pub spill_bytes: Gauge,
     pub spill_inherited_readings: Gauge,
@@ -105,6 +107,8 @@ impl Metrics {
             broker_alerts: Counter::default(),
             ingest_up: Gauge::default(),
             self_metrics_failed: Counter::default(),
+            unacked_messages: Gauge::default(),
+            messages_redelivered: Counter::default(),
             spill_readings: Gauge::default(),
             spill_bytes: Gauge::default(),
             spill_inherited_readings: Gauge::default(),
@@ -263,6 +267,16 @@ impl Metrics {
             "gateway_ingest_up",
             "1 while MQTT ingest is running",
             m.ingest_up.clone(),
+        );
+        r.register(
+            "gateway_unacked_messages",
+            "External mode: messages received and not yet acknowledged to the broker",
+            m.unacked_messages.clone(),
+        );
+        r.register(
+            "gateway_messages_redelivered",
+            "External mode: messages the broker sent again (MQTT dup flag)",
+            m.messages_redelivered.clone(),
         );
         r.register(
             "gateway_self_metrics_failed",

@@ -21,6 +21,8 @@ pub struct Chunk {
     pub received: Instant,
     /// The message's topic, for dead-letter records.
     pub topic: Arc<str>,
+    /// External mode: the broker's acknowledgement, due when these readings are safe.
+    pub ack: Option<crate::ack::Ack>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -195,6 +197,7 @@ mod tests {
             readings,
             received: Instant::now(),
             topic: "telemetry/d/m".into(),
+            ack: None,
         }
     }
 

@@ -177,6 +177,8 @@ impl Spill {
                     readings,
                     received,
                     topic: topic.clone(),
+                    // Acknowledged when they were spilled.
+                    ack: None,
                 })
                 .collect();
             return Ok(Some((Some(id), chunks)));

@@ -168,7 +168,7 @@ impl Embedded {
                         .and_then(|p| p.content_type.as_deref());
                     let publish = &forward.publish;
                     if intake
-                        .accept(&publish.topic, &publish.payload, content_type)
+                        .accept(&publish.topic, &publish.payload, content_type, None)
                         .await
                         .is_err()
                     {

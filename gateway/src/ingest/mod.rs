@@ -77,17 +77,24 @@ impl Intake {
     }
 
     /// Handles one message. `Err` only when the queue has closed (shutdown).
+    ///
+    /// `done`, in external mode, acknowledges the message to its broker: called once every
+    /// reading of it is safe (at once when none was accepted).
     pub async fn accept(
         &mut self,
         topic: &[u8],
         payload: &[u8],
         content_type: Option<&str>,
+        done: Option<crate::ack::Done>,
     ) -> Result<(), QueueError> {
         let received = Instant::now();
         self.metrics.messages_received.inc();
         let Ok(topic) = std::str::from_utf8(topic) else {
             let e = DecodeError::BadTopic("topic is not UTF-8".into());
             self.rejected(&e, "<not UTF-8>", true);
+            if let Some(done) = done {
+                done();
+            }
             return Ok(());
         };
         let now_ns = SystemTime::now()
@@ -114,17 +121,24 @@ impl Intake {
                     self.keep(topic, payload, content_type, reasons.join("; "), n);
                 }
                 if outcome.accepted > 0 {
+                    let ack = done.map(|d| crate::ack::Ack::new(outcome.accepted, self.metrics.clone(), d));
                     let chunk = Chunk {
                         lines,
                         readings: outcome.accepted,
                         received,
                         topic: topic.into(),
+                        ack,
                     };
                     self.admit(chunk).await?;
+                } else if let Some(done) = done {
+                    done();
                 }
             }
             Err(e) => {
                 self.rejected(&e, topic, true);
+                if let Some(done) = done {
+                    done();
+                }
                 self.keep(
                     topic,
                     payload,
@@ -149,6 +163,7 @@ impl Intake {
                     &topic,
                     "the device is over limits.device_rate",
                 );
+                settle(&chunk);
                 return Ok(());
             }
         }
@@ -157,12 +172,12 @@ impl Intake {
             Overflow::Spill(spill) => {
                 // Behind anything already spilled, so that order is kept.
                 if spill.is_active() {
-                    spill.add(chunk).await;
+                    spill_chunk(spill, chunk).await;
                     return Ok(());
                 }
                 match self.queue.try_push(chunk).await {
                     Err(QueueError::Full(chunk)) => {
-                        spill.clone().add(chunk).await;
+                        spill_chunk(spill, chunk).await;
                         Ok(())
                     }
                     other => other,
@@ -176,6 +191,7 @@ impl Intake {
                         &chunk.topic,
                         "the queue is full (queue.when_full = \"drop_newest\")",
                     );
+                    settle(&chunk);
                     Ok(())
                 }
                 other => other,
@@ -235,5 +251,22 @@ impl Intake {
         }
         self.logged += 1;
         self.logged <= LOG_BUDGET_PER_SEC
+    }
+}
+
+/// A chunk refused with a reason is settled: its acknowledgement is due.
+fn settle(chunk: &Chunk) {
+    if let Some(ack) = &chunk.ack {
+        ack.settle(chunk.readings);
+    }
+}
+
+/// Spills a chunk; on disk it is safe, so its acknowledgement is due.
+async fn spill_chunk(spill: &Arc<crate::spill::Spill>, mut chunk: Chunk) {
+    let ack = chunk.ack.take();
+    let readings = chunk.readings;
+    spill.add(chunk).await;
+    if let Some(ack) = ack {
+        ack.settle(readings);
     }
 }
