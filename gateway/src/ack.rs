@@ -23,7 +23,11 @@ struct Inner {
 
 impl std::fmt::Debug for Ack {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Ack({} readings outstanding)", self.0.remaining.load(Ordering::Relaxed))
+        write!(
+            f,
+            "Ack({} readings outstanding)",
+            self.0.remaining.load(Ordering::Relaxed)
+        )
     }
 }
 
@@ -31,7 +35,11 @@ impl Ack {
     /// An acknowledgement due after `readings` readings are settled; `done` sends it.
     pub fn new(readings: u32, metrics: Arc<Metrics>, done: impl FnOnce() + Send + 'static) -> Self {
         metrics.unacked_messages.inc();
-        Self(Arc::new(Inner { remaining: AtomicU32::new(readings), done: Mutex::new(Some(Box::new(done))), metrics }))
+        Self(Arc::new(Inner {
+            remaining: AtomicU32::new(readings),
+            done: Mutex::new(Some(Box::new(done))),
+            metrics,
+        }))
     }
 
     /// `readings` of the message are safe; the last of them sends the acknowledgement.
@@ -39,7 +47,9 @@ impl Ack {
         let before = self
             .0
             .remaining
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| Some(r.saturating_sub(readings)))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| {
+                Some(r.saturating_sub(readings))
+            })
             .unwrap_or(0);
         if before > 0 && before <= readings {
             let done = self.0.done.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -61,7 +71,9 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let acked = Arc::new(AtomicBool::new(false));
         let flag = acked.clone();
-        let ack = Ack::new(10, metrics.clone(), move || assert!(!flag.swap(true, Ordering::SeqCst), "acked twice"));
+        let ack = Ack::new(10, metrics.clone(), move || {
+            assert!(!flag.swap(true, Ordering::SeqCst), "acked twice")
+        });
         assert_eq!(metrics.unacked_messages.get(), 1);
         let piece = ack.clone();
         ack.settle(4);

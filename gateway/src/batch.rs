@@ -208,6 +208,7 @@ mod tests {
             received: Instant::now(),
             readings,
             topic: topic.into(),
+            ack: None,
         }
     }
 

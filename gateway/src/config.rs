@@ -448,6 +448,40 @@ impl Config {
             s.retry_initial <= s.retry_max,
             "sink.retry_initial must not exceed sink.retry_max".into(),
         );
+        let q = &self.dlq;
+        need(
+            q.segment_bytes.as_u64() >= 64 * 1024,
+            "dlq.segment_bytes must be at least \"64KiB\"".into(),
+        );
+        need(
+            q.max_bytes >= q.segment_bytes,
+            "dlq.max_bytes must be at least dlq.segment_bytes".into(),
+        );
+        need(
+            q.redrive_rate >= 1,
+            "dlq.redrive_rate must be at least 1 (records a second)".into(),
+        );
+        need(
+            !q.redrive_interval.is_zero(),
+            "dlq.redrive_interval must be more than 0 (for example \"1s\")".into(),
+        );
+        need(
+            self.queue.spill_max_bytes.as_u64() >= 1024 * 1024,
+            "queue.spill_max_bytes must be at least \"1MiB\"".into(),
+        );
+        need(
+            self.limits.device_rate == 0 || self.limits.device_burst >= 1,
+            "limits.device_burst must be at least 1 when limits.device_rate is set".into(),
+        );
+        let m = &self.self_metrics;
+        need(
+            m.interval >= Duration::from_secs(1),
+            "self_metrics.interval must be at least \"1s\"".into(),
+        );
+        need(
+            !m.measurement.is_empty(),
+            "self_metrics.measurement must not be empty (for example \"gateway\")".into(),
+        );
         need(
             self.log
                 .level
@@ -545,6 +579,26 @@ mod tests {
             assert!(err.contains("tokn"), "{err}");
             Ok(())
         });
+    }
+
+    #[test]
+    fn every_section_is_validated() {
+        let err = Config::from_toml(
+            "[dlq]\nsegment_bytes = 1000\nredrive_rate = 0\n[queue]\nspill_max_bytes = 10\n\
+             [limits]\ndevice_rate = 5\n[self_metrics]\ninterval = \"10ms\"\nmeasurement = \"\"",
+        )
+        .expect_err("invalid")
+        .to_string();
+        for key in [
+            "dlq.segment_bytes",
+            "dlq.redrive_rate",
+            "queue.spill_max_bytes",
+            "limits.device_burst",
+            "self_metrics.interval",
+            "self_metrics.measurement",
+        ] {
+            assert!(err.contains(key), "{key} not named in: {err}");
+        }
     }
 
     #[test]

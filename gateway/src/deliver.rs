@@ -527,7 +527,11 @@ impl Deliverer {
             }
             origin.settle();
         }
-        self.metrics.readings_in_flight.dec_by(i64::from(batch.readings));
-        self.metrics.sink_readings_written.inc_by(u64::from(batch.readings));
+        self.metrics
+            .readings_in_flight
+            .dec_by(i64::from(batch.readings));
+        self.metrics
+            .sink_readings_written
+            .inc_by(u64::from(batch.readings));
     }
 }

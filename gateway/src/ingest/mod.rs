@@ -121,7 +121,8 @@ impl Intake {
                     self.keep(topic, payload, content_type, reasons.join("; "), n);
                 }
                 if outcome.accepted > 0 {
-                    let ack = done.map(|d| crate::ack::Ack::new(outcome.accepted, self.metrics.clone(), d));
+                    let ack = done
+                        .map(|d| crate::ack::Ack::new(outcome.accepted, self.metrics.clone(), d));
                     let chunk = Chunk {
                         lines,
                         readings: outcome.accepted,
