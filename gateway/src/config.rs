@@ -86,6 +86,15 @@ pub struct MqttConfig {
     pub url: String,
     #[serde(deserialize_with = "lossy_string")]
     pub group: String,
+    #[serde(deserialize_with = "lossy_string")]
+    pub username: String,
+    pub password: Secret,
+    pub password_file: PathBuf,
+    #[serde(with = "humantime_serde")]
+    pub keep_alive: Duration,
+    #[serde(with = "humantime_serde")]
+    pub session_expiry: Duration,
+    pub receive_maximum: u16,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -118,6 +127,8 @@ pub struct QueueConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum WhenFull {
+    /// Spill in embedded mode, block in external mode.
+    Auto,
     /// Ingest waits: stop pulling (and, in external mode, acknowledging).
     Block,
     /// Overflow to the spill buffer on disk; drained back in order.
@@ -314,6 +325,11 @@ impl Config {
             &config.sink.password_file,
             config.sink.password,
         )?;
+        config.mqtt.password = read_secret(
+            "mqtt.password_file",
+            &config.mqtt.password_file,
+            config.mqtt.password,
+        )?;
         config.validate()?;
         Ok(config)
     }
@@ -448,6 +464,18 @@ impl Config {
             s.retry_initial <= s.retry_max,
             "sink.retry_initial must not exceed sink.retry_max".into(),
         );
+        need(
+            self.mqtt.keep_alive >= Duration::from_secs(5),
+            "mqtt.keep_alive must be at least \"5s\"".into(),
+        );
+        need(
+            self.mqtt.receive_maximum >= 1,
+            "mqtt.receive_maximum must be at least 1".into(),
+        );
+        need(
+            self.mqtt.mode == MqttMode::Embedded || !self.mqtt.group.is_empty(),
+            "mqtt.group must be set in external mode (replicas share the load through it)".into(),
+        );
         let q = &self.dlq;
         need(
             q.segment_bytes.as_u64() >= 64 * 1024,
@@ -496,6 +524,15 @@ impl Config {
             Ok(())
         } else {
             Err(ConfigError::Invalid(errors))
+        }
+    }
+
+    /// `queue.when_full` with `auto` resolved for the configured mode.
+    pub fn when_full(&self) -> WhenFull {
+        match (self.queue.when_full, self.mqtt.mode) {
+            (WhenFull::Auto, MqttMode::Embedded) => WhenFull::Spill,
+            (WhenFull::Auto, MqttMode::External) => WhenFull::Block,
+            (chosen, _) => chosen,
         }
     }
 

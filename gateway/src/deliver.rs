@@ -46,6 +46,10 @@ pub struct Policy {
     /// While the sink is down, park live batches without a write and leave probing to the
     /// redrive task. Off when redrive is off: then live batches are the only probes.
     pub park_while_down: bool,
+    /// Retry a live batch for as long as the sink stays unreachable instead of parking it
+    /// (external mode: the broker keeps the unacknowledged messages, acknowledgements stop
+    /// and the broker holds the rest). Shutdown still parks what is left.
+    pub retry_forever: bool,
 }
 
 impl Policy {
@@ -63,6 +67,7 @@ impl Policy {
             gzip: sink.gzip,
             hold_when_full,
             park_while_down,
+            retry_forever: false,
         }
     }
 }
@@ -266,6 +271,11 @@ impl Deliverer {
                     "sink unreachable; parked without a write while it is down".to_string();
                 (Kind::RetriesExhausted, None, reason, 0, dlq::now_ms())
             } else {
+                let attempts = if live && self.policy.retry_forever {
+                    u32::MAX
+                } else {
+                    attempts
+                };
                 let f = match self.write_with_retries(&batch, attempts).await {
                     Ok(()) => {
                         self.written(&batch, live);
@@ -373,6 +383,10 @@ impl Deliverer {
                     status,
                     detail,
                 } if attempt < max_attempts && self.retrying() => {
+                    if attempt == self.policy.max_attempts {
+                        // Still retrying (external mode): say once that the sink is down.
+                        self.mark_down(&detail);
+                    }
                     let wait = self.policy.backoff.delay(attempt, retry_after);
                     warn!(attempt, ?status, %detail, wait_ms = wait.as_millis() as u64, "write failed; retrying");
                     tokio::time::sleep(wait).await;

@@ -81,7 +81,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<L
     let s = &config.sink;
     // The running gateway holds batches when the DLQ is full, and leaves probing a down sink
     // to redrive when that is on.
-    let policy = deliver::Policy::new(s, true, config.dlq.redrive);
+    let external = config.mqtt.mode == MqttMode::External;
+    let policy = deliver::Policy {
+        // External mode: the broker is the buffer while the sink is down.
+        retry_forever: external,
+        ..deliver::Policy::new(s, true, config.dlq.redrive && !external)
+    };
     let self_metrics_sink = sink.clone();
     let deliverer = Arc::new(deliver::Deliverer::new(
         sink,
@@ -167,8 +172,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<L
         )
     });
     let drain_stop = CancellationToken::new();
-    let (overflow, spill, drainer) = match config.queue.when_full {
-        WhenFull::Block => (ingest::Overflow::Block, None, None),
+    let (overflow, spill, drainer) = match config.when_full() {
+        WhenFull::Block | WhenFull::Auto => (ingest::Overflow::Block, None, None),
         WhenFull::DropNewest => (ingest::Overflow::DropNewest, None, None),
         WhenFull::Spill => {
             let spill = spill::Spill::open(
@@ -200,12 +205,26 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<L
         limiter,
     );
     let ingest_stop = CancellationToken::new();
+    // External mode's event loop outlives its intake: it sends the acknowledgements of what
+    // is still being written after input stops.
+    let mut broker_events = None;
     let mut ingest = match config.mqtt.mode {
         MqttMode::Embedded => {
             let embedded = ingest::embedded::start(&config)?;
             tokio::spawn(embedded.run(intake, metrics.clone(), ingest_stop.clone()))
         }
-        MqttMode::External => return Err(ingest::IngestError::Unsupported.into()),
+        MqttMode::External => {
+            let filter = decode::TopicPattern::parse(&config.mqtt.topic)?.filter();
+            let external = ingest::external::start(
+                &config,
+                intake,
+                filter,
+                metrics.clone(),
+                ingest_stop.clone(),
+            )?;
+            broker_events = Some((external.events, external.finish));
+            external.intake
+        }
     };
     info!(sink = %s.url, api = ?s.api, admin = %config.admin.listen, "gateway running");
 
@@ -252,6 +271,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<L
         warn!(?ledger, dlq = %config.dlq.dir.display(), spill = %config.queue.spill_dir.display(), "stopped; some readings wait in the dead-letter queue or the spill buffer");
     } else {
         info!(?ledger, "stopped: every accepted reading was written");
+    }
+    if let Some((events, finish)) = broker_events {
+        // Acknowledgements of the last writes are on their way; then leave the session.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        finish.cancel();
+        let _ = events.await;
     }
     admin_stop.cancel();
     let _ = admin.await;

@@ -4,6 +4,7 @@
 //! rejection by reason, and push the accepted lines onto the bounded queue (waiting when full).
 
 pub mod embedded;
+pub mod external;
 pub mod limit;
 pub mod rejects;
 
@@ -28,9 +29,12 @@ pub enum IngestError {
     /// The embedded broker would not start or link; the message says why.
     #[error("embedded broker: {0}")]
     Broker(String),
-    /// The mode is configured but not built yet.
-    #[error("mqtt.mode = \"external\" is not available yet; use \"embedded\"")]
-    Unsupported,
+    /// A setting asks for something not built yet: the message says what to use instead.
+    #[error("{0}")]
+    Unsupported(&'static str),
+    /// mqtt.url is not mqtt://host[:port].
+    #[error("mqtt.url {0:?} must look like mqtt://host:1883")]
+    Url(String),
 }
 
 /// Rejections logged per second at most; the counters keep the full count.
