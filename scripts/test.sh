@@ -5,8 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install-deps.sh
 
-# The end-to-end tests run the gateway binary, which `cargo test` alone does not build.
-cargo build --locked -p gateway --bin gateway
+# The end-to-end tests run the gateway and simulator binaries, which `cargo test` alone does
+# not build.
+cargo build --locked -p gateway --bin gateway -p simulator --bin simulator
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --locked --workspace --no-fail-fast "$@"
 else

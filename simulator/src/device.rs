@@ -1,19 +1,24 @@
 //! One simulated device: its own MQTT connection, with one task publishing and another
-//! driving the connection's event loop.
+//! driving the connection's event loop; dropped and opened again when its profile says so.
 //!
 //! The two must be separate tasks: a publish waits for room in rumqttc's bounded request
 //! channel, and only polling the event loop makes that room.
 
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-use tokio::sync::oneshot;
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::{sleep_until, Instant};
 
-use crate::payload::{self, Encoding, Reading};
+use crate::config::Protocol;
+use crate::fleet::{Sent, Shared};
+use crate::generate::{Fate, Generator, Message};
+use crate::payload::{self, Encoding};
+use crate::profile::DevicePlan;
 
 /// Unacknowledged QoS 1 publishes allowed per connection. Enough to keep a connection busy
 /// without letting one device hide a stalled gateway behind a deep buffer.
@@ -27,161 +32,264 @@ const KEEP_ALIVE: Duration = Duration::from_secs(30);
 /// A connection with publishes outstanding and no acknowledgement for this long is given up.
 const ACK_TIMEOUT: Duration = Duration::from_secs(30);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Protocol {
-    V4,
-    V5,
-}
-
-/// Payload format of a run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    Cbor,
-    Json,
-    /// Alternates per message, starting with CBOR.
-    Mixed,
-}
-
-impl Format {
-    pub fn encoding_of(self, message: u64) -> Encoding {
-        match self {
-            Format::Cbor => Encoding::Cbor,
-            Format::Json => Encoding::Json,
-            Format::Mixed if message.is_multiple_of(2) => Encoding::Cbor,
-            Format::Mixed => Encoding::Json,
-        }
-    }
-}
-
-/// Everything the devices of a run share.
-#[derive(Debug, Clone)]
-pub struct Plan {
-    pub host: String,
-    pub port: u16,
-    pub protocol: Protocol,
-    /// QoS 1 when true, else QoS 0.
-    pub qos1: bool,
-    pub format: Format,
-    pub messages: u64,
-    pub readings_per_message: u32,
-    pub measurement: String,
-    pub topic_prefix: String,
-    pub run_id: String,
-    pub start_ms: i64,
-    pub seed: u64,
-    /// Messages per second per device; 0 for as fast as the connection allows.
-    pub rate: f64,
-}
-
 /// How one device's run went.
 #[derive(Debug, Clone, Default)]
 pub struct DeviceReport {
     pub index: u32,
     pub device: String,
+    /// Its clock's offset, ms.
+    pub skew_ms: i64,
     /// Publishes written to the connection.
     pub published: u64,
     /// QoS 1 publishes the broker acknowledged.
     pub acked: u64,
     /// QoS 1 publishes the broker answered with a failure reason (MQTT 5 only).
     pub rejected: u64,
+    /// Readings published that should land in the sink.
+    pub readings_landing: u64,
+    /// Readings published that the gateway should refuse, by its reason label.
+    pub refused: BTreeMap<&'static str, u64>,
+    /// Bad-input messages published, by kind.
+    pub bad: BTreeMap<&'static str, u64>,
+    /// Time from opening a connection to its CONNACK, per connection.
+    pub connect_times: Vec<Duration>,
+    /// Thundering herd: from the moment every device dropped to this one's CONNACK.
+    pub herd_reconnect: Option<Duration>,
+    /// Offline backlog: readings buffered while offline, and the oldest one's age when sent.
+    pub backlog_readings: u64,
+    pub backlog_max_age: Duration,
     /// Why the device stopped early, if it did.
     pub error: Option<String>,
 }
 
-/// Runs device `n` to completion: connects, publishes its messages, waits for their
-/// acknowledgements (QoS 1) and disconnects. Failures end up in the report, not in a panic or
-/// an `Err`, so that one bad connection does not hide the numbers of the others.
-pub async fn run_device(plan: Arc<Plan>, n: u32) -> DeviceReport {
-    let (client, connection) = connect(&plan, n);
-    let (handed_tx, handed_rx) = oneshot::channel();
-    let driver = tokio::spawn(drive(connection, client.clone(), plan.qos1, handed_rx));
-
-    let mut handed = 0;
-    let published = publish_all(&client, &plan, n, &mut handed).await;
-    // Dropping our handle matters: the driver's clone is then the last one.
-    drop(client);
-    // The driver only needs this to know when it is done; if it already stopped, nobody is
-    // listening and that is fine.
-    let _ = handed_tx.send(handed);
-
+/// Runs device `n` to completion. Failures end up in the report, not in a panic or an `Err`,
+/// so that one bad connection does not hide the numbers of the others.
+pub async fn run_device(shared: Arc<Shared>, n: u32) -> DeviceReport {
+    let plan = DevicePlan::new(&shared.settings, n);
     let mut report = DeviceReport {
         index: n,
         device: payload::device_name(n),
+        skew_ms: plan.skew_ms,
         ..Default::default()
     };
-    match driver.await {
-        Ok(driven) => {
-            report.published = driven.published;
-            report.acked = driven.acked;
-            report.rejected = driven.rejected;
-            report.error = driven.error;
-        }
-        Err(e) => report.error = Some(format!("event loop task failed: {e}")),
-    }
-    // The connection's error explains a failed publish better than "channel closed" does.
-    if let (None, Err(e)) = (&report.error, published) {
-        report.error = Some(format!("{e:#}"));
+    if let Err(e) = lifecycle(&shared, n, &plan, &mut report).await {
+        // The connection's error explains a failed publish better than "channel closed".
+        report.error.get_or_insert_with(|| format!("{e:#}"));
     }
     if let Some(e) = &report.error {
+        shared.counters.failed.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(device = %report.device, "{e}");
     }
     report
 }
 
-/// Hands every message of device `n` to the client, counting them in `handed`.
-async fn publish_all(client: &Client, plan: &Plan, n: u32, handed: &mut u64) -> Result<()> {
-    let device = payload::device_name(n);
-    let topic = payload::topic(&plan.topic_prefix, &device, &plan.measurement);
-    // Seeded per device so that a run can be repeated reading for reading.
-    let mut rng =
-        StdRng::seed_from_u64(plan.seed ^ u64::from(n).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    let mut value: f64 = rng.gen_range(15.0..25.0);
-    let mut ticker = (plan.rate > 0.0).then(|| {
-        let mut t = tokio::time::interval(Duration::from_secs_f64(1.0 / plan.rate));
-        // Catch up after a stall so that the average rate is the one asked for.
-        t.set_missed_tick_behavior(MissedTickBehavior::Burst);
-        t
-    });
-    let per_message = u64::from(plan.readings_per_message);
-    let mut readings = Vec::with_capacity(plan.readings_per_message as usize);
+async fn lifecycle(
+    shared: &Arc<Shared>,
+    n: u32,
+    plan: &DevicePlan,
+    report: &mut DeviceReport,
+) -> Result<()> {
+    let clock = &shared.clock;
+    let mut generator = Generator::new(&shared.settings, &shared.run_id, n, plan.skew_ms);
+    sleep_until(clock.at(plan.start)).await;
+    let mut link = Some(Link::open(shared, n));
+    let mut herd_done = false;
+    // Messages measured while offline, with the instant each was measured.
+    let mut backlog: Vec<(Message, Instant)> = Vec::new();
 
-    for message in 0..plan.messages {
-        if let Some(t) = ticker.as_mut() {
-            t.tick().await;
+    for t in plan.schedule.clone() {
+        if let (Some(at), false) = (plan.herd_at, herd_done) {
+            if t >= at {
+                // Everyone drops at the same instant and reconnects at once.
+                let at = clock.at(at);
+                sleep_until(at).await;
+                close(&mut link, report).await?;
+                let mut l = Link::open(shared, n);
+                l.herd_from = Some(at);
+                link = Some(l);
+                herd_done = true;
+            }
         }
-        readings.clear();
-        for r in 0..per_message {
-            // A random walk looks like a sensor on a dashboard; rounding keeps payloads short.
-            value += rng.gen_range(-0.5..0.5);
-            let shown = (value * 1000.0).round() / 1000.0;
-            readings.push(Reading::new(
-                &plan.run_id,
-                plan.start_ms,
-                message * per_message + r,
-                shown,
-            ));
+        if let Some((from, to)) = plan.offline {
+            if link.is_some() && t >= from && t < to {
+                sleep_until(clock.at(from)).await;
+                close(&mut link, report).await?;
+            }
+            if link.is_none() && t >= to {
+                sleep_until(clock.at(to)).await;
+                link = Some(Link::open(shared, n));
+                for (message, measured) in backlog.drain(..) {
+                    send(&mut link, report, message, measured, true).await?;
+                }
+            }
         }
-        let encoding = plan.format.encoding_of(message);
-        let bytes = payload::encode(&readings, encoding)?;
-        client
-            .publish(&topic, plan.qos1, bytes, encoding)
-            .await
-            .with_context(|| format!("publishing message {message}"))?;
-        *handed += 1;
+        sleep_until(clock.at(t)).await;
+        let message = generator.next(clock.now_ms())?;
+        if link.is_some() {
+            send(&mut link, report, message, Instant::now(), false).await?;
+        } else {
+            // Offline: the device keeps measuring and holds on to what it measured.
+            backlog.push((message, Instant::now()));
+        }
+    }
+    if let (None, Some((_, to))) = (&link, plan.offline) {
+        // The schedule ended while offline: the device comes back when the outage ends.
+        sleep_until(clock.at(to)).await;
+        link = Some(Link::open(shared, n));
+        for (message, measured) in backlog.drain(..) {
+            send(&mut link, report, message, measured, true).await?;
+        }
+    }
+    close(&mut link, report).await
+}
+
+/// Hands a message to the open link. When that fails the connection is gone: closing the
+/// link puts the connection's own error, which says why, in the report.
+async fn send(
+    link: &mut Option<Link>,
+    report: &mut DeviceReport,
+    message: Message,
+    measured: Instant,
+    backlog: bool,
+) -> Result<()> {
+    let Some(l) = link.as_mut() else {
+        anyhow::bail!("publishing without a connection");
+    };
+    if let Err(e) = l.publish(message, measured, backlog).await {
+        close(link, report).await?;
+        return Err(e);
     }
     Ok(())
 }
 
-/// What the event loop saw.
-struct Driven {
+/// Closes the link, if open, and adds its figures to the report. `Err` when the connection
+/// failed, so that the device stops there.
+async fn close(link: &mut Option<Link>, report: &mut DeviceReport) -> Result<()> {
+    let Some(l) = link.take() else {
+        return Ok(());
+    };
+    let (opened, herd_from) = (l.opened, l.herd_from);
+    let t = l.close().await;
+    if let (Some(from), Some(after)) = (herd_from, t.connected_after) {
+        report.herd_reconnect = Some((opened + after).saturating_duration_since(from));
+    }
+    report.published += t.published;
+    report.acked += t.acked;
+    report.rejected += t.rejected;
+    report.readings_landing += t.readings_landing;
+    for (reason, n) in t.refused {
+        *report.refused.entry(reason).or_default() += n;
+    }
+    for (kind, n) in t.bad {
+        *report.bad.entry(kind).or_default() += n;
+    }
+    report.connect_times.extend(t.connected_after);
+    report.backlog_readings += t.backlog_readings;
+    report.backlog_max_age = report.backlog_max_age.max(t.backlog_max_age);
+    match t.error {
+        Some(e) => {
+            report.error = Some(e.clone());
+            anyhow::bail!(e)
+        }
+        None => Ok(()),
+    }
+}
+
+/// What the publishing side tells the driver about each message, in publish order.
+struct Meta {
+    fate: Fate,
+    measured: Instant,
+    backlog: bool,
+}
+
+/// One MQTT connection of a device.
+struct Link {
+    client: Client,
+    driver: JoinHandle<Tally>,
+    meta: mpsc::UnboundedSender<Meta>,
+    handed: u64,
+    handed_tx: oneshot::Sender<u64>,
+    opened: Instant,
+    /// Set on the connection opened when the herd reconnected: the herd's moment.
+    herd_from: Option<Instant>,
+}
+
+impl Link {
+    fn open(shared: &Arc<Shared>, n: u32) -> Link {
+        let (client, connection) = connect(shared, n);
+        let (handed_tx, handed_rx) = oneshot::channel();
+        let (meta, meta_rx) = mpsc::unbounded_channel();
+        let opened = Instant::now();
+        let driver = tokio::spawn(drive(
+            connection,
+            client.clone(),
+            Arc::clone(shared),
+            n,
+            meta_rx,
+            handed_rx,
+            opened,
+        ));
+        Link {
+            client,
+            driver,
+            meta,
+            handed: 0,
+            handed_tx,
+            opened,
+            herd_from: None,
+        }
+    }
+
+    async fn publish(&mut self, m: Message, measured: Instant, backlog: bool) -> Result<()> {
+        let meta = Meta {
+            fate: m.fate,
+            measured,
+            backlog,
+        };
+        // The driver holds the receiver until it ends, and then the publish below fails too.
+        let _ = self.meta.send(meta);
+        self.client
+            .publish(m.topic, m.payload, m.encoding)
+            .await
+            .context("publishing")?;
+        self.handed += 1;
+        Ok(())
+    }
+
+    /// Waits until everything handed over is written (QoS 0) or answered (QoS 1), then closes
+    /// the socket.
+    async fn close(self) -> Tally {
+        // If the driver already stopped, nobody listens and its tally says why.
+        let _ = self.handed_tx.send(self.handed);
+        // Dropping our handle matters: the driver's clone is then the last one.
+        drop(self.client);
+        match self.driver.await {
+            Ok(t) => t,
+            Err(e) => Tally {
+                error: Some(format!("event loop task failed: {e}")),
+                ..Default::default()
+            },
+        }
+    }
+}
+
+/// What one connection's event loop saw.
+#[derive(Default)]
+struct Tally {
     published: u64,
     acked: u64,
     rejected: u64,
+    readings_landing: u64,
+    refused: BTreeMap<&'static str, u64>,
+    bad: BTreeMap<&'static str, u64>,
+    connected_after: Option<Duration>,
+    backlog_readings: u64,
+    backlog_max_age: Duration,
     error: Option<String>,
 }
 
 /// Polls the connection until every handed message is written (QoS 0) or answered (QoS 1),
-/// then closes it.
+/// then closes it, recording when each message went out.
 ///
 /// There is no reconnect: with a clean session rumqttc drops unacknowledged publishes on
 /// reconnect, so a retry would blur exactly the loss this tool is meant to measure. A
@@ -189,65 +297,80 @@ struct Driven {
 async fn drive(
     mut connection: Connection,
     // Held, not used: dropping it would close the request channel under the event loop.
-    _client: Client,
-    qos1: bool,
+    client: Client,
+    shared: Arc<Shared>,
+    n: u32,
+    mut meta_rx: mpsc::UnboundedReceiver<Meta>,
     mut handed_rx: oneshot::Receiver<u64>,
-) -> Driven {
-    let mut d = Driven {
-        published: 0,
-        acked: 0,
-        rejected: 0,
-        error: None,
-    };
+    opened: Instant,
+) -> Tally {
+    let qos1 = client.qos1;
+    let counters = &shared.counters;
+    let mut t = Tally::default();
     let mut handed: Option<u64> = None;
     let mut last_progress = Instant::now();
+    let mut connected = false;
 
     loop {
         let finished = if qos1 {
-            d.acked + d.rejected
+            t.acked + t.rejected
         } else {
-            d.published
+            t.published
         };
         if handed.is_some_and(|h| finished >= h) {
             // Everything is out and answered: close the socket without an MQTT DISCONNECT.
             // rumqttd 0.20 treats DISCONNECT-then-close as two disconnections and the second can
             // cut a device that is connecting at that moment (README, "Known issue"); a fleet
-            // finishing at different times would hit it.
+            // reconnecting at once would hit it.
             break;
         }
-        let outstanding = qos1 && d.published > d.acked + d.rejected;
+        let outstanding = qos1 && t.published > t.acked + t.rejected;
 
         let polled = tokio::select! {
             polled = connection.poll() => polled,
             h = &mut handed_rx, if handed.is_none() => {
                 // A dropped sender means the device task is gone; stop once what was
                 // published so far is settled.
-                handed = Some(h.unwrap_or(d.published));
+                handed = Some(h.unwrap_or(t.published));
                 continue;
             }
             _ = tokio::time::sleep_until(last_progress + ACK_TIMEOUT), if outstanding => {
-                d.error = Some(format!(
+                t.error = Some(format!(
                     "no acknowledgement for {}s with {} publishes outstanding",
                     ACK_TIMEOUT.as_secs(),
-                    d.published - d.acked - d.rejected
+                    t.published - t.acked - t.rejected
                 ));
                 break;
             }
         };
         match polled {
-            Ok(Progress::Connected) => tracing::debug!("connected"),
-            Ok(Progress::Published) => {
-                if !outstanding {
-                    last_progress = Instant::now();
+            Ok(Progress::Connected) => {
+                if !connected {
+                    connected = true;
+                    t.connected_after = Some(opened.elapsed());
+                    counters.connected.fetch_add(1, Ordering::Relaxed);
                 }
-                d.published += 1;
+            }
+            Ok(Progress::Published) => {
+                let now = Instant::now();
+                if !outstanding {
+                    last_progress = now;
+                }
+                t.published += 1;
+                counters.published.fetch_add(1, Ordering::Relaxed);
+                // Every publish handed over produces exactly one of these, in order, and its
+                // Meta was queued before it.
+                if let Ok(meta) = meta_rx.try_recv() {
+                    account(&shared, n, &mut t, meta, now);
+                }
             }
             Ok(Progress::Acked) => {
-                d.acked += 1;
+                t.acked += 1;
+                counters.acked.fetch_add(1, Ordering::Relaxed);
                 last_progress = Instant::now();
             }
             Ok(Progress::Rejected(reason)) => {
-                d.rejected += 1;
+                t.rejected += 1;
                 last_progress = Instant::now();
                 tracing::debug!("publish rejected: {reason}");
             }
@@ -255,40 +378,115 @@ async fn drive(
             Ok(Progress::Other) => {}
             Err(e) => {
                 // Not `{e:#}`: rumqttc's errors already print their source.
-                d.error = Some(format!("connection: {e}"));
+                t.error = Some(format!("connection: {e}"));
                 break;
             }
         }
     }
-    d
+    if connected {
+        counters.connected.fetch_sub(1, Ordering::Relaxed);
+    }
+    t
 }
 
-fn connect(plan: &Plan, n: u32) -> (Client, Connection) {
-    let id = payload::client_id(&plan.run_id, n);
-    match plan.protocol {
+/// Books one message that went out at `now`.
+fn account(shared: &Shared, n: u32, t: &mut Tally, meta: Meta, now: Instant) {
+    let readings = match meta.fate {
+        Fate::Lands(ts) => {
+            let count = ts.len() as u64;
+            t.readings_landing += count;
+            if let Some(tx) = &shared.sent {
+                // The tracker outlives every device; if it is gone, the run is ending anyway.
+                let _ = tx.send(Sent {
+                    device: n,
+                    ts,
+                    at: now,
+                });
+            }
+            count
+        }
+        Fate::Refused {
+            reason,
+            readings,
+            bad,
+        } => {
+            *t.refused.entry(reason).or_default() += u64::from(readings);
+            if let Some(kind) = bad {
+                *t.bad.entry(kind.reason()).or_default() += 1;
+            }
+            u64::from(readings)
+        }
+    };
+    if meta.backlog {
+        t.backlog_readings += readings;
+        t.backlog_max_age = t.backlog_max_age.max(now - meta.measured);
+    }
+}
+
+fn connect(shared: &Shared, n: u32) -> (Client, Connection) {
+    let b = &shared.settings.broker;
+    let id = payload::client_id(&shared.run_id, n);
+    let qos1 = b.qos == 1;
+    let timeout = b.connect_timeout.as_secs().max(1);
+    let access = &shared.access;
+    match b.protocol {
         Protocol::V4 => {
-            let mut opts = rumqttc::MqttOptions::new(id, plan.host.clone(), plan.port);
+            let mut opts = rumqttc::MqttOptions::new(id, b.host.clone(), b.port);
             opts.set_keep_alive(KEEP_ALIVE)
                 .set_clean_session(true)
                 .set_inflight(INFLIGHT)
                 .set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES);
-            let (client, eventloop) = rumqttc::AsyncClient::new(opts, REQUEST_CHANNEL);
-            (Client::V4(client), Connection::V4(Box::new(eventloop)))
+            if let Some((user, password)) = &access.credentials {
+                opts.set_credentials(user.clone(), password.clone());
+            }
+            if let Some(transport) = &access.transport {
+                opts.set_transport(transport.clone());
+            }
+            let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, REQUEST_CHANNEL);
+            // A fleet connecting at once waits in the broker's accept queue.
+            eventloop.network_options.set_connection_timeout(timeout);
+            (
+                Client {
+                    inner: ClientInner::V4(client),
+                    qos1,
+                },
+                Connection::V4(Box::new(eventloop)),
+            )
         }
         Protocol::V5 => {
-            let mut opts = rumqttc::v5::MqttOptions::new(id, plan.host.clone(), plan.port);
+            let mut opts = rumqttc::v5::MqttOptions::new(id, b.host.clone(), b.port);
             opts.set_keep_alive(KEEP_ALIVE)
                 .set_clean_start(true)
-                .set_outgoing_inflight_upper_limit(INFLIGHT);
+                .set_outgoing_inflight_upper_limit(INFLIGHT)
+                .set_max_packet_size(Some(MAX_PACKET_BYTES as u32))
+                .set_connection_timeout(timeout);
+            if let Some((user, password)) = &access.credentials {
+                opts.set_credentials(user.clone(), password.clone());
+            }
+            if let Some(transport) = &access.transport {
+                opts.set_transport(transport.clone());
+            }
             let (client, eventloop) = rumqttc::v5::AsyncClient::new(opts, REQUEST_CHANNEL);
-            (Client::V5(client), Connection::V5(Box::new(eventloop)))
+            (
+                Client {
+                    inner: ClientInner::V5(client),
+                    qos1,
+                },
+                Connection::V5(Box::new(eventloop)),
+            )
         }
     }
 }
 
 /// The two rumqttc protocol versions behind one face; only what a device needs.
 #[derive(Clone)]
-enum Client {
+struct Client {
+    inner: ClientInner,
+    qos1: bool,
+}
+
+#[derive(Clone)]
+enum ClientInner {
     V4(rumqttc::AsyncClient),
     V5(rumqttc::v5::AsyncClient),
 }
@@ -310,15 +508,10 @@ enum Progress {
 }
 
 impl Client {
-    async fn publish(
-        &self,
-        topic: &str,
-        qos1: bool,
-        payload: Vec<u8>,
-        encoding: Encoding,
-    ) -> Result<()> {
-        match self {
-            Client::V4(c) => {
+    async fn publish(&self, topic: String, payload: Vec<u8>, encoding: Encoding) -> Result<()> {
+        let qos1 = self.qos1;
+        match &self.inner {
+            ClientInner::V4(c) => {
                 let qos = if qos1 {
                     rumqttc::QoS::AtLeastOnce
                 } else {
@@ -326,7 +519,7 @@ impl Client {
                 };
                 c.publish(topic, qos, false, payload).await?;
             }
-            Client::V5(c) => {
+            ClientInner::V5(c) => {
                 use rumqttc::v5::mqttbytes::{v5::PublishProperties, QoS};
                 let qos = if qos1 {
                     QoS::AtLeastOnce
@@ -379,26 +572,5 @@ impl Connection {
                 }
             }
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mixed_alternates_starting_with_cbor() {
-        let got: Vec<_> = (0..4).map(|m| Format::Mixed.encoding_of(m)).collect();
-        assert_eq!(
-            got,
-            [
-                Encoding::Cbor,
-                Encoding::Json,
-                Encoding::Cbor,
-                Encoding::Json
-            ]
-        );
-        assert_eq!(Format::Json.encoding_of(0), Encoding::Json);
-        assert_eq!(Format::Cbor.encoding_of(1), Encoding::Cbor);
     }
 }

@@ -33,6 +33,11 @@ pub fn device_name(n: u32) -> String {
     format!("dev-{n:05}")
 }
 
+/// The device number back from a name made by [`device_name`].
+pub fn device_index(name: &str) -> Option<u32> {
+    name.strip_prefix("dev-")?.parse().ok()
+}
+
 /// The client id carries the run id so that two runs against one broker never take over each
 /// other's sessions.
 pub fn client_id(run_id: &str, n: u32) -> String {
@@ -74,9 +79,14 @@ pub struct Tags<'a> {
 }
 
 impl<'a> Reading<'a> {
+    /// The `seq`-th reading of a run whose readings are 1 ms apart from `start_ms`.
     pub fn new(run_id: &'a str, start_ms: i64, seq: u64, value: f64) -> Self {
+        Self::at(run_id, timestamp_ms(start_ms, seq), seq, value)
+    }
+
+    pub fn at(run_id: &'a str, ts: i64, seq: u64, value: f64) -> Self {
         Reading {
-            ts: timestamp_ms(start_ms, seq),
+            ts,
             fields: Fields {
                 value,
                 seq: seq as f64,
@@ -136,6 +146,9 @@ mod tests {
             "telemetry/dev-00007/env"
         );
         assert_eq!(timestamp_ms(1_764_126_000_000, 3), 1_764_126_000_003);
+        assert_eq!(device_index("dev-00042"), Some(42));
+        assert_eq!(device_index("dev-12345"), Some(12345));
+        assert_eq!(device_index("gateway"), None);
     }
 
     #[test]

@@ -1,127 +1,262 @@
-//! Checks that what the devices sent landed in the sink: exactly once per device series and
-//! timestamp.
-//!
-//! The parsing and comparison are pure functions; [`verify`] adds the HTTP polling around them.
+//! Asks the sink for this run's readings: during the run, to see when each first shows up
+//! (latency), and after it, to count what was lost or duplicated.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use tokio::time::Instant;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, MissedTickBehavior};
 
-/// What each device sent. A device's readings carry the timestamps `start_ms + 0..count`
-/// (see [`crate::payload::timestamp_ms`]), so a count per device describes them all.
-#[derive(Debug, Clone, Default)]
-pub struct Expected {
-    pub start_ms: i64,
-    pub per_device: BTreeMap<String, u64>,
+use crate::config::SinkKind;
+use crate::fleet::{Counters, Sent};
+use crate::tracker::{Comparison, Samples, Tracker};
+
+/// Pending readings further apart than this are fetched in separate ranges.
+const RANGE_GAP_MS: i64 = 10_000;
+/// Most ranges fetched per poll.
+const MAX_RANGES: usize = 16;
+
+/// Where the gateway wrote.
+#[derive(Debug, Clone)]
+pub struct Sink {
+    pub kind: SinkKind,
+    /// Base URL, without a trailing '/'.
+    pub url: String,
+    /// InfluxDB 1.x database.
+    pub database: String,
 }
 
-impl Expected {
-    pub fn total(&self) -> u64 {
-        self.per_device.values().sum()
-    }
-
-    /// One past the newest timestamp any device sent.
-    pub fn end_ms(&self) -> i64 {
-        let longest = self.per_device.values().copied().max().unwrap_or(0);
-        crate::payload::timestamp_ms(self.start_ms, longest)
-    }
+/// Which run's points to look for. Both go into queries unescaped, so they are held to
+/// characters that need no quoting (the settings check this).
+#[derive(Debug, Clone)]
+pub struct Query {
+    pub measurement: String,
+    pub run_id: String,
 }
 
-/// What the sink returned, per `device` tag.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Observed {
-    /// Every timestamp of every point (VictoriaMetrics export): repeats are visible.
-    Timestamps(BTreeMap<String, Vec<i64>>),
-    /// Only a count of points (InfluxDB). The sink already merged points that share series and
-    /// timestamp, so repeats cannot be seen; a count above the expected one still can.
-    Counts(BTreeMap<String, u64>),
+#[derive(Debug, Clone, Copy)]
+pub struct WatchOptions {
+    pub poll_interval: Duration,
+    /// How long to keep looking once the devices are done.
+    pub timeout: Duration,
+    /// Devices of the run, so that one that sent nothing still shows in the figures.
+    pub devices: u32,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct DeviceMismatch {
-    pub device: String,
-    pub expected: u64,
-    pub found: u64,
-    pub duplicated: u64,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Verification {
-    pub expected_readings: u64,
-    /// Expected readings present in the sink, each counted once.
-    pub readings_found: u64,
-    pub lost: u64,
-    /// Points beyond the expected ones: a repeated timestamp, or one that was never sent.
-    pub duplicated: u64,
-    /// Only the devices whose counts differ from what they sent.
-    pub per_device: Vec<DeviceMismatch>,
+    /// "victoria-metrics" or "influx".
+    pub sink: &'static str,
+    #[serde(flatten)]
+    pub comparison: Comparison,
+    /// How often the sink was polled: a reading's latency is measured to the end of the first
+    /// poll that showed it, so it is late by up to this much plus `slowest_poll_ms`.
+    pub latency_resolution_ms: u64,
+    /// Polls made, and the longest one took (force flush and export).
+    pub polls: u64,
+    pub slowest_poll_ms: u64,
     /// Nothing lost. Duplicates are reported but do not fail a run: the gateway delivers at
-    /// least once, and a retried batch may legitimately be stored twice by a sink that does not
-    /// deduplicate.
+    /// least once, and a sink that does not deduplicate may store a retried batch twice.
     pub verified: bool,
-    /// The timeout passed before everything was found; the numbers are from the last poll.
+    /// The timeout passed before everything was found.
     pub timed_out: bool,
+    /// Polls that failed (the sink was busy or down); the run goes on without them.
+    pub failed_polls: u64,
 }
 
-/// Compares what was sent with what the sink holds.
-pub fn compare(expected: &Expected, observed: &Observed) -> Verification {
-    let mut devices: Vec<&str> = expected.per_device.keys().map(String::as_str).collect();
-    match observed {
-        Observed::Timestamps(m) => devices.extend(m.keys().map(String::as_str)),
-        Observed::Counts(m) => devices.extend(m.keys().map(String::as_str)),
-    }
-    devices.sort_unstable();
-    devices.dedup();
-
-    let mut v = Verification {
-        expected_readings: 0,
-        readings_found: 0,
-        lost: 0,
-        duplicated: 0,
-        per_device: Vec::new(),
-        verified: false,
-        timed_out: false,
+/// Takes every published message from `sent`, polls the sink for the readings not seen yet
+/// every `poll_interval`, and once the channel closes (the devices are done) keeps polling
+/// until everything is seen or `timeout` passes; then compares everything.
+pub async fn watch(
+    sink: &Sink,
+    query: &Query,
+    mut sent: mpsc::UnboundedReceiver<Sent>,
+    mut tracker: Tracker,
+    opts: WatchOptions,
+    counters: &Counters,
+) -> Result<Verification> {
+    let http = reqwest::Client::builder()
+        // Large final exports of a big run take a while.
+        .timeout(Duration::from_secs(120))
+        .build()
+        .context("building the HTTP client")?;
+    let mut tick = tokio::time::interval(opts.poll_interval);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut deadline: Option<Instant> = None;
+    let mut failed_polls = 0;
+    let mut polls = 0;
+    let mut slowest_poll = Duration::ZERO;
+    let mut last_error = None;
+    let timed_out = loop {
+        tokio::select! {
+            got = sent.recv(), if deadline.is_none() => match got {
+                Some(s) => tracker.add(s),
+                None => deadline = Some(Instant::now() + opts.timeout),
+            },
+            _ = tick.tick() => {
+                while let Ok(s) = sent.try_recv() {
+                    tracker.add(s);
+                }
+                if tracker.pending() > 0 {
+                    let ranges = tracker.pending_ranges(RANGE_GAP_MS, MAX_RANGES);
+                    let started = Instant::now();
+                    polls += 1;
+                    let fetched = fetch(&http, sink, query, &ranges).await;
+                    slowest_poll = slowest_poll.max(started.elapsed());
+                    match fetched {
+                        Ok(samples) => {
+                            tracker.observe(&samples, Instant::now());
+                        }
+                        Err(e) => {
+                            tracing::debug!("polling the sink: {e:#}");
+                            failed_polls += 1;
+                            last_error = Some(e);
+                        }
+                    }
+                }
+                counters.expected.store(tracker.expected(), Ordering::Relaxed);
+                counters.seen.store(tracker.expected() - tracker.pending(), Ordering::Relaxed);
+                if let Some(d) = deadline {
+                    if tracker.pending() == 0 {
+                        break false;
+                    }
+                    if Instant::now() >= d {
+                        break true;
+                    }
+                }
+            }
+        }
     };
-    for device in devices {
-        let want = expected.per_device.get(device).copied().unwrap_or(0);
-        let (found, duplicated) = match observed {
-            Observed::Timestamps(m) => {
-                let ts = m.get(device).map(Vec::as_slice).unwrap_or_default();
-                let end = crate::payload::timestamp_ms(expected.start_ms, want);
-                let mut wanted: Vec<i64> = ts
-                    .iter()
-                    .copied()
-                    .filter(|t| (expected.start_ms..end).contains(t))
-                    .collect();
-                wanted.sort_unstable();
-                wanted.dedup();
-                let found = wanted.len() as u64;
-                (found, ts.len() as u64 - found)
-            }
-            Observed::Counts(m) => {
-                let count = m.get(device).copied().unwrap_or(0);
-                let found = count.min(want);
-                (found, count - found)
-            }
-        };
-        v.expected_readings += want;
-        v.readings_found += found;
-        v.lost += want - found;
-        v.duplicated += duplicated;
-        if found != want || duplicated != 0 {
-            v.per_device.push(DeviceMismatch {
-                device: device.to_owned(),
-                expected: want,
-                found,
-                duplicated,
-            });
+    if let Some(e) = &last_error {
+        tracing::warn!(
+            failed_polls,
+            "some polls of the sink failed, the last: {e:#}"
+        );
+    }
+    // The last word: everything, including repeats that the polls ignored.
+    let ranges = tracker.all_ranges(RANGE_GAP_MS, MAX_RANGES);
+    let samples = fetch(&http, sink, query, &ranges)
+        .await
+        .context("reading the run back from the sink")?;
+    tracker.observe(&samples, Instant::now());
+    let comparison = tracker.compare(&samples, opts.devices);
+    Ok(Verification {
+        sink: match sink.kind {
+            SinkKind::Influx => "influx",
+            _ => "victoria-metrics",
+        },
+        verified: comparison.lost == 0,
+        comparison,
+        latency_resolution_ms: opts.poll_interval.as_millis() as u64,
+        polls,
+        slowest_poll_ms: slowest_poll.as_millis() as u64,
+        timed_out,
+        failed_polls,
+    })
+}
+
+/// This run's points with timestamps in `ranges` (ms, inclusive), per device.
+pub async fn fetch(
+    http: &reqwest::Client,
+    sink: &Sink,
+    query: &Query,
+    ranges: &[(i64, i64)],
+) -> Result<Samples> {
+    let mut out = Samples::new();
+    if sink.kind == SinkKind::VictoriaMetrics && !ranges.is_empty() {
+        // Recent samples are searchable only once VictoriaMetrics flushes its in-memory
+        // buffers; forcing it makes the latency measured the gateway's, not the sink's
+        // flush interval. Old versions lack it, hence no error.
+        if let Err(e) = http
+            .post(format!("{}/internal/force_flush", sink.url))
+            .send()
+            .await
+        {
+            tracing::debug!("force_flush: {e}");
         }
     }
-    v.verified = v.lost == 0;
-    v
+    for (start, end) in ranges {
+        let part = match sink.kind {
+            SinkKind::Influx => fetch_influx(http, sink, query, *start, *end).await?,
+            _ => fetch_vm(http, sink, query, *start, *end).await?,
+        };
+        for (device, ts) in part {
+            out.entry(device).or_default().extend(ts);
+        }
+    }
+    Ok(out)
+}
+
+/// Seconds with milliseconds, as VictoriaMetrics takes `start` and `end`.
+fn vm_time(ms: i64) -> String {
+    format!("{}.{:03}", ms.div_euclid(1000), ms.rem_euclid(1000))
+}
+
+async fn fetch_vm(
+    http: &reqwest::Client,
+    sink: &Sink,
+    query: &Query,
+    start: i64,
+    end: i64,
+) -> Result<Samples> {
+    let selector = format!(
+        r#"{{__name__="{}_value",run="{}"}}"#,
+        query.measurement, query.run_id
+    );
+    let body = http
+        .get(format!("{}/api/v1/export", sink.url))
+        .query(&[
+            ("match[]", selector),
+            ("start", vm_time(start)),
+            // Explicit: the default end is "now", and skewed devices stamp the future.
+            ("end", vm_time(end)),
+        ])
+        .send()
+        .await
+        .context("GET /api/v1/export")?
+        .error_for_status()
+        .context("GET /api/v1/export")?
+        .text()
+        .await
+        .context("reading the export")?;
+    let mut samples = parse_vm_export(&body)?;
+    // The range is meant inclusive at both ends; keep exactly that whatever the server does.
+    for ts in samples.values_mut() {
+        ts.retain(|t| (start..=end).contains(t));
+    }
+    Ok(samples)
+}
+
+async fn fetch_influx(
+    http: &reqwest::Client,
+    sink: &Sink,
+    query: &Query,
+    start: i64,
+    end: i64,
+) -> Result<Samples> {
+    let q = format!(
+        r#"SELECT "value" FROM "{}" WHERE "run"='{}' AND time >= {start}ms AND time <= {end}ms GROUP BY "device""#,
+        query.measurement, query.run_id,
+    );
+    let body = http
+        .get(format!("{}/query", sink.url))
+        .query(&[
+            ("db", sink.database.as_str()),
+            ("q", q.as_str()),
+            ("epoch", "ms"),
+        ])
+        .send()
+        .await
+        .context("GET /query")?
+        .error_for_status()
+        .context("GET /query")?
+        .text()
+        .await
+        .context("reading the query answer")?;
+    parse_influx_points(&body)
 }
 
 /// One line of `/api/v1/export`.
@@ -134,8 +269,8 @@ struct ExportLine {
 
 /// Parses VictoriaMetrics' JSON-lines export into timestamps per `device` label. A device may
 /// span several series (say, when the sink adds a label per write path); they are merged.
-pub fn parse_vm_export(body: &str) -> Result<BTreeMap<String, Vec<i64>>> {
-    let mut out: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+pub fn parse_vm_export(body: &str) -> Result<Samples> {
+    let mut out = Samples::new();
     for (i, line) in body.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
@@ -148,8 +283,10 @@ pub fn parse_vm_export(body: &str) -> Result<BTreeMap<String, Vec<i64>>> {
     Ok(out)
 }
 
-/// Parses the InfluxDB 1.x answer to a `count(...) ... GROUP BY "device"` query.
-pub fn parse_influx_counts(body: &str) -> Result<BTreeMap<String, u64>> {
+/// Parses the InfluxDB 1.x answer to a `SELECT ... GROUP BY "device"` query (epoch=ms) into
+/// timestamps per device. InfluxDB keeps one point per series and timestamp, so repeats
+/// cannot show here.
+pub fn parse_influx_points(body: &str) -> Result<Samples> {
     #[derive(Deserialize)]
     struct Response {
         #[serde(default)]
@@ -174,176 +311,29 @@ pub fn parse_influx_counts(body: &str) -> Result<BTreeMap<String, u64>> {
     if let Some(e) = response.error {
         bail!("InfluxDB: {e}");
     }
-    let mut out = BTreeMap::new();
+    let mut out = Samples::new();
     for result in response.results {
         if let Some(e) = result.error {
             bail!("InfluxDB: {e}");
         }
         for series in result.series {
             let device = series.tags.get("device").cloned().unwrap_or_default();
-            // One row [time, count] per group, since the query does not group by time.
-            let mut count = 0;
+            let stamps = out.entry(device.clone()).or_default();
             for row in &series.values {
-                let n = row
-                    .get(1)
-                    .and_then(serde_json::Value::as_f64)
-                    .with_context(|| {
-                        format!("InfluxDB row {row:?} of device {device:?} has no count")
-                    })?;
-                count += n as u64;
+                let ts = row
+                    .first()
+                    .and_then(serde_json::Value::as_i64)
+                    .with_context(|| format!("InfluxDB row {row:?} of {device:?} has no time"))?;
+                stamps.push(ts);
             }
-            *out.entry(device).or_insert(0) += count;
         }
     }
     Ok(out)
 }
 
-/// Where the gateway wrote.
-#[derive(Debug, Clone)]
-pub enum Sink {
-    VictoriaMetrics { url: String },
-    Influx1 { url: String, db: String },
-}
-
-/// Which run's points to look for. `run_id` and `measurement` go into queries unescaped, so
-/// callers must keep them to characters that need no quoting (the CLI checks this).
-#[derive(Debug, Clone)]
-pub struct Query<'a> {
-    pub measurement: &'a str,
-    pub run_id: &'a str,
-}
-
-/// Polls the sink until every expected reading is there or `timeout` passes.
-///
-/// The gateway batches and the sink flushes on its own schedule, so the first look usually
-/// comes up short; only the last poll counts. `Err` means the sink never answered usefully.
-pub async fn verify(
-    sink: &Sink,
-    query: &Query<'_>,
-    expected: &Expected,
-    timeout: Duration,
-) -> Result<Verification> {
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .context("building the HTTP client")?;
-    let deadline = Instant::now() + timeout;
-    let mut last: Option<Verification> = None;
-    let mut last_err = None;
-    loop {
-        match observe(&http, sink, query, expected).await {
-            Ok(observed) => {
-                let v = compare(expected, &observed);
-                tracing::debug!(found = v.readings_found, lost = v.lost, "verification poll");
-                if v.lost == 0 {
-                    return Ok(v);
-                }
-                last = Some(v);
-            }
-            Err(e) => {
-                tracing::warn!("querying the sink: {e:#}");
-                last_err = Some(e);
-            }
-        }
-        let now = Instant::now();
-        if now >= deadline {
-            break;
-        }
-        tokio::time::sleep((deadline - now).min(Duration::from_secs(1))).await;
-    }
-    match (last, last_err) {
-        (Some(mut v), _) => {
-            v.timed_out = true;
-            Ok(v)
-        }
-        (None, Some(e)) => Err(e.context("no usable answer from the sink")),
-        (None, None) => bail!("verification timeout of {timeout:?} is too short to query once"),
-    }
-}
-
-async fn observe(
-    http: &reqwest::Client,
-    sink: &Sink,
-    query: &Query<'_>,
-    expected: &Expected,
-) -> Result<Observed> {
-    match sink {
-        Sink::VictoriaMetrics { url } => {
-            let url = url.trim_end_matches('/');
-            // Recent samples are searchable only once VictoriaMetrics flushes its in-memory
-            // buffers; forcing it shortens the wait. Old versions lack it, hence no error.
-            if let Err(e) = http
-                .post(format!("{url}/internal/force_flush"))
-                .send()
-                .await
-            {
-                tracing::debug!("force_flush: {e}");
-            }
-            let selector = format!(
-                r#"{{__name__="{}_value",run="{}"}}"#,
-                query.measurement, query.run_id
-            );
-            // Bounds in whole seconds. The end is explicit because a large run stamps readings
-            // into the future, and the default end is "now".
-            let start = expected.start_ms.div_euclid(1000);
-            let end = expected.end_ms().div_euclid(1000) + 1;
-            let body = http
-                .get(format!("{url}/api/v1/export"))
-                .query(&[
-                    ("match[]", selector),
-                    ("start", start.to_string()),
-                    ("end", end.to_string()),
-                ])
-                .send()
-                .await
-                .context("GET /api/v1/export")?
-                .error_for_status()
-                .context("GET /api/v1/export")?
-                .text()
-                .await
-                .context("reading the export")?;
-            Ok(Observed::Timestamps(parse_vm_export(&body)?))
-        }
-        Sink::Influx1 { url, db } => {
-            let url = url.trim_end_matches('/');
-            // Explicit time bounds: without them InfluxDB may cap the range at now(), which
-            // would miss the future-stamped end of a large run.
-            let q = format!(
-                r#"SELECT count("value") FROM "{}" WHERE "run"='{}' AND time >= {}ms AND time < {}ms GROUP BY "device""#,
-                query.measurement,
-                query.run_id,
-                expected.start_ms,
-                expected.end_ms()
-            );
-            let body = http
-                .get(format!("{url}/query"))
-                .query(&[("db", db.as_str()), ("q", q.as_str()), ("epoch", "ms")])
-                .send()
-                .await
-                .context("GET /query")?
-                .error_for_status()
-                .context("GET /query")?
-                .text()
-                .await
-                .context("reading the query answer")?;
-            Ok(Observed::Counts(parse_influx_counts(&body)?))
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn expected(per_device: &[(&str, u64)]) -> Expected {
-        Expected {
-            start_ms: 1000,
-            per_device: per_device
-                .iter()
-                .map(|(d, n)| (d.to_string(), *n))
-                .collect(),
-        }
-    }
 
     #[test]
     fn vm_export_parses_and_merges_series() {
@@ -363,90 +353,25 @@ mod tests {
     }
 
     #[test]
-    fn timestamps_compare_counts_lost_and_duplicated() {
-        let exp = expected(&[("a", 3), ("b", 2), ("c", 2)]);
-        let obs = Observed::Timestamps(BTreeMap::from([
-            ("a".to_string(), vec![1000, 1001, 1002]),
-            // One repeat and one timestamp that was never sent.
-            ("b".to_string(), vec![1001, 1000, 1001, 1005]),
-            // Missing one; "c" also loses nothing else.
-            ("c".to_string(), vec![1001]),
-            // A device that never existed.
-            ("z".to_string(), vec![1000]),
-        ]));
-        let v = compare(&exp, &obs);
-        assert_eq!(v.expected_readings, 7);
-        assert_eq!(v.readings_found, 6);
-        assert_eq!(v.lost, 1);
-        assert_eq!(v.duplicated, 3);
-        assert!(!v.verified);
-        assert_eq!(
-            v.per_device,
-            vec![
-                DeviceMismatch {
-                    device: "b".into(),
-                    expected: 2,
-                    found: 2,
-                    duplicated: 2
-                },
-                DeviceMismatch {
-                    device: "c".into(),
-                    expected: 2,
-                    found: 1,
-                    duplicated: 0
-                },
-                DeviceMismatch {
-                    device: "z".into(),
-                    expected: 0,
-                    found: 0,
-                    duplicated: 1
-                },
-            ]
-        );
-    }
-
-    #[test]
-    fn everything_found_verifies() {
-        let exp = expected(&[("a", 2)]);
-        let v = compare(
-            &exp,
-            &Observed::Timestamps(BTreeMap::from([("a".to_string(), vec![1001, 1000])])),
-        );
-        assert!(v.verified);
-        assert!(v.per_device.is_empty());
-        assert_eq!((v.readings_found, v.lost, v.duplicated), (2, 0, 0));
-    }
-
-    #[test]
-    fn influx_counts_parse_and_compare() {
+    fn influx_points_parse() {
         let body = r#"{"results":[{"statement_id":0,"series":[
-            {"name":"env","tags":{"device":"dev-00001"},"columns":["time","count"],"values":[[0,5]]},
-            {"name":"env","tags":{"device":"dev-00002"},"columns":["time","count"],"values":[["1970-01-01T00:00:00Z",7]]}
+            {"name":"env","tags":{"device":"dev-00001"},"columns":["time","value"],"values":[[1000,1.5],[1001,2.5]]},
+            {"name":"env","tags":{"device":"dev-00002"},"columns":["time","value"],"values":[[1000,7]]}
         ]}]}"#;
-        let counts = parse_influx_counts(body).expect("parse");
-        assert_eq!(
-            counts,
-            BTreeMap::from([("dev-00001".to_string(), 5), ("dev-00002".to_string(), 7)])
-        );
-
-        let exp = expected(&[("dev-00001", 5), ("dev-00002", 6), ("dev-00003", 4)]);
-        let v = compare(&exp, &Observed::Counts(counts));
-        assert_eq!(v.readings_found, 11);
-        assert_eq!(v.lost, 4);
-        assert_eq!(v.duplicated, 1);
-        assert_eq!(v.per_device.len(), 2);
-
+        let m = parse_influx_points(body).expect("parse");
+        assert_eq!(m["dev-00001"], vec![1000, 1001]);
+        assert_eq!(m["dev-00002"], vec![1000]);
         // No data yet: InfluxDB omits "series".
-        let empty = parse_influx_counts(r#"{"results":[{"statement_id":0}]}"#).expect("parse");
+        let empty = parse_influx_points(r#"{"results":[{"statement_id":0}]}"#).expect("parse");
         assert!(empty.is_empty());
-        assert!(parse_influx_counts(r#"{"results":[{"error":"database not found: x"}]}"#).is_err());
-        assert!(parse_influx_counts(r#"{"error":"bad query"}"#).is_err());
+        assert!(parse_influx_points(r#"{"results":[{"error":"database not found: x"}]}"#).is_err());
+        assert!(parse_influx_points(r#"{"error":"bad query"}"#).is_err());
     }
 
     #[test]
-    fn expected_bounds() {
-        let exp = expected(&[("a", 3), ("b", 10)]);
-        assert_eq!(exp.total(), 13);
-        assert_eq!(exp.end_ms(), 1010);
+    fn vm_times_keep_milliseconds() {
+        assert_eq!(vm_time(1_764_126_000_123), "1764126000.123");
+        assert_eq!(vm_time(5), "0.005");
+        assert_eq!(vm_time(-1), "-1.999");
     }
 }

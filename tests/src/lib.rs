@@ -86,9 +86,19 @@ impl VictoriaMetrics {
         vm
     }
 
-    /// Stops the server (SIGKILL: an outage, not a shutdown). Its data stays.
+    /// Stops the server (SIGKILL: an outage, not a shutdown). What it acknowledged in its last
+    /// second may be lost with it: VictoriaMetrics buffers before it writes to disk.
     pub fn stop(&mut self) {
         self.proc = None;
+    }
+
+    /// Stops the server with SIGTERM: it flushes what it acknowledged first.
+    pub fn stop_gracefully(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            let pid = p.child.id().to_string();
+            let _ = Command::new("kill").args(["-TERM", &pid]).status();
+            let _ = p.child.wait();
+        }
     }
 
     /// Starts the server again on the same port and data.
@@ -347,6 +357,28 @@ impl Gateway {
         // The broker's listeners start on their own threads: wait until each answers a real
         // MQTT CONNECT. (A bare TCP probe that closes before CONNECT makes rumqttd 0.20 log
         // "already gone" and can cut a device that connects at the same moment.)
+        let external = env
+            .iter()
+            .any(|(k, v)| *k == "GATEWAY_MQTT__MODE" && v == "external");
+        if external {
+            // No listeners of its own: ready once it is connected to its broker.
+            eventually(
+                Duration::from_secs(20),
+                "connected to the broker",
+                || async {
+                    let up = gw
+                        .metrics()
+                        .await?
+                        .get("gateway_ingest_up")
+                        .copied()
+                        .unwrap_or(0.0);
+                    anyhow::ensure!(up == 1.0, "not connected yet");
+                    Ok(())
+                },
+            )
+            .await;
+            return gw;
+        }
         eventually(Duration::from_secs(10), "MQTT 3.1.1 listener", || async {
             publish_v4(mqtt_port, "probe-v4", Vec::new()).await
         })
@@ -634,4 +666,114 @@ pub fn base_ms() -> i64 {
         .expect("clock after 1970")
         .as_millis() as i64;
     now - 3_600_000
+}
+
+/// mosquitto from Debian's packages: the external broker, with persistence on.
+pub struct Mosquitto {
+    pub port: u16,
+    proc: Option<Proc>,
+    dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    pub async fn start() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut m = Self {
+            port: free_port(),
+            proc: None,
+            dir,
+        };
+        m.restart().await;
+        m
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGTERM: mosquitto saves its persistence file on the way out.
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            let pid = p.child.id().to_string();
+            let _ = Command::new("kill").args(["-TERM", &pid]).status();
+            let _ = p.child.wait();
+        }
+    }
+
+    pub async fn restart(&mut self) {
+        let bin = require("mosquitto");
+        let d = self.dir.path().display();
+        // Root drops to user mosquitto unless told otherwise, and then cannot write `dir`.
+        // The default max_queued_messages (1000) would drop what a slow subscriber has not
+        // taken yet: a broker in front of this gateway must hold the backlog.
+        let config = format!(
+            "listener {} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {d}/\n\
+             autosave_interval 1\nuser root\nmax_queued_messages 0\nmax_queued_bytes 0\nmax_inflight_messages 1000\n",
+            self.port
+        );
+        let path = self.dir.path().join("mosquitto.conf");
+        std::fs::write(&path, config).expect("write mosquitto.conf");
+        let child = Command::new(bin)
+            .arg("-c")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto starts");
+        self.proc = Some(Proc {
+            child,
+            name: "mosquitto",
+        });
+        let port = self.port;
+        eventually(Duration::from_secs(10), "mosquitto ready", || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+            Ok(())
+        })
+        .await;
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Publishes at QoS 1 over MQTT 3.1.1 and rides out broker restarts: rumqttc reconnects and
+/// sends again what was not acknowledged. Returns once `messages.len()` acknowledgements came.
+pub async fn publish_resilient(port: u16, client_id: &str, messages: Vec<Message>) -> Result<()> {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_clean_session(false);
+    let (client, mut eventloop) = AsyncClient::new(opts, 64);
+    eventloop.network_options.set_connection_timeout(60);
+    let total = messages.len();
+    let publisher = tokio::spawn(async move {
+        for m in messages {
+            client
+                .publish(m.topic, QoS::AtLeastOnce, false, m.payload)
+                .await?;
+        }
+        anyhow::Ok(client)
+    });
+    let mut acked = 0;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while acked < total {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{client_id}: {acked} of {total} acknowledged"
+        );
+        match tokio::time::timeout(Duration::from_secs(30), eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acked += 1,
+            Ok(Ok(_)) => {}
+            // mosquitto drops messages for a shared subscription while none of its members
+            // is connected: give the gateways time to reconnect first (README, external mode).
+            Ok(Err(_)) => tokio::time::sleep(Duration::from_secs(3)).await,
+            Err(_) => bail!("{client_id}: no progress for 30 s after {acked} acks"),
+        }
+    }
+    drop(publisher.await??);
+    drop(eventloop);
+    Ok(())
 }

@@ -88,20 +88,31 @@ pub fn start(
     let shared = format!("$share/{}/{}", mqtt.group, filter);
 
     let (tx, mut rx) = mpsc::channel::<Publish>(receive_maximum + 16);
+    // Acknowledgements go through their own task, which waits for room on the client's request
+    // channel: one dropped acknowledgement would hold a slot of the broker's in-flight window
+    // until the next reconnect. The channel is unbounded on purpose: it holds at most one entry
+    // per unacknowledged message, and those are bounded by the queue and the batches in flight.
+    let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<Publish>();
     let ack_client = client.clone();
+    tokio::spawn(async move {
+        while let Some(publish) = ack_rx.recv().await {
+            if let Err(e) = ack_client.ack(&publish).await {
+                // Only when the client is gone (shutdown): the broker redelivers, harmlessly.
+                warn!(error = %e, "cannot send an acknowledgement");
+                break;
+            }
+        }
+    });
     let intake_task = tokio::spawn(async move {
         while let Some(publish) = rx.recv().await {
             let content_type = publish
                 .properties
                 .as_ref()
                 .and_then(|p| p.content_type.clone());
-            let c = ack_client.clone();
+            let ack_tx = ack_tx.clone();
             let p = publish.clone();
             let done: crate::ack::Done = Box::new(move || {
-                if let Err(e) = c.try_ack(&p) {
-                    // The broker will send it again; redelivery is harmless in the sink.
-                    warn!(error = %e, "cannot send an acknowledgement");
-                }
+                let _ = ack_tx.send(p);
             });
             if intake
                 .accept(
