@@ -95,6 +95,9 @@ pub struct MqttConfig {
     #[serde(with = "humantime_serde")]
     pub session_expiry: Duration,
     pub receive_maximum: u16,
+    pub ca_file: PathBuf,
+    pub client_cert_file: PathBuf,
+    pub client_key_file: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -467,6 +470,12 @@ impl Config {
         need(
             self.mqtt.keep_alive >= Duration::from_secs(5),
             "mqtt.keep_alive must be at least \"5s\"".into(),
+        );
+        need(
+            self.mqtt.client_cert_file.as_os_str().is_empty()
+                == self.mqtt.client_key_file.as_os_str().is_empty(),
+            "mqtt.client_cert_file and mqtt.client_key_file go together: set both or neither"
+                .into(),
         );
         need(
             self.mqtt.receive_maximum >= 1,

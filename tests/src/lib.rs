@@ -673,18 +673,30 @@ pub struct Mosquitto {
     pub port: u16,
     proc: Option<Proc>,
     dir: tempfile::TempDir,
+    /// More of mosquitto.conf (another listener, say), after the plain anonymous one.
+    extra: String,
 }
 
 impl Mosquitto {
     pub async fn start() -> Self {
+        Self::start_with(String::new()).await
+    }
+
+    /// Starts with `extra` appended to the configuration (`per_listener_settings` is on).
+    pub async fn start_with(extra: String) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut m = Self {
             port: free_port(),
             proc: None,
             dir,
+            extra,
         };
         m.restart().await;
         m
+    }
+
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
     }
 
     pub fn url(&self) -> String {
@@ -707,9 +719,10 @@ impl Mosquitto {
         // The default max_queued_messages (1000) would drop what a slow subscriber has not
         // taken yet: a broker in front of this gateway must hold the backlog.
         let config = format!(
-            "listener {} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {d}/\n\
-             autosave_interval 1\nuser root\nmax_queued_messages 0\nmax_queued_bytes 0\nmax_inflight_messages 1000\n",
-            self.port
+            "per_listener_settings true\npersistence true\npersistence_location {d}/\n\
+             autosave_interval 1\nuser root\nmax_queued_messages 0\nmax_queued_bytes 0\nmax_inflight_messages 1000\n\
+             listener {} 127.0.0.1\nallow_anonymous true\n{}",
+            self.port, self.extra
         );
         let path = self.dir.path().join("mosquitto.conf");
         std::fs::write(&path, config).expect("write mosquitto.conf");
@@ -776,4 +789,73 @@ pub async fn publish_resilient(port: u16, client_id: &str, messages: Vec<Message
     drop(publisher.await??);
     drop(eventloop);
     Ok(())
+}
+
+/// Runs `program` with `args` in `dir`, failing the test with its output when it fails.
+pub fn tool(dir: &std::path::Path, program: &str, args: &[&str]) {
+    let out = Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("{program} runs: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A throwaway CA (`ca.pem`) and a server certificate for 127.0.0.1 signed by it
+/// (`server.pem`, `server.key`) in `dir`, made with openssl.
+pub fn make_test_ca(dir: &std::path::Path) {
+    let openssl = |args: &[&str]| tool(dir, "openssl", args);
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ]);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .expect("write ext.cnf");
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "ext.cnf",
+        "-out",
+        "server.pem",
+    ]);
 }

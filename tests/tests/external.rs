@@ -241,3 +241,48 @@ async fn sink_down_mid_load_stops_acknowledgements_then_loses_nothing() {
     assert_eq!(g(&m, "gateway_sink_up"), 1.0);
     assert_eq!(g(&m, "gateway_dlq_readings"), 0.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tls_and_a_password_to_the_broker() {
+    let certs = tempfile::tempdir().expect("temp dir");
+    let d = certs.path();
+    make_test_ca(d);
+    tool(
+        d,
+        "mosquitto_passwd",
+        &["-b", "-c", "passwd", "gateway", "gw-s3cret-771"],
+    );
+    std::fs::write(d.join("gateway.pw"), "gw-s3cret-771\n").expect("write password");
+    let tls_port = free_port();
+    // The devices publish on the plain listener; the gateway subscribes over TLS with a password.
+    let mq = Mosquitto::start_with(format!(
+        "listener {tls_port} 127.0.0.1\nallow_anonymous false\npassword_file {p}/passwd\n\
+         cafile {p}/ca.pem\ncertfile {p}/server.pem\nkeyfile {p}/server.key\n",
+        p = d.display()
+    ))
+    .await;
+    let vm = VictoriaMetrics::start().await;
+    let mut settings: Vec<(&str, String)> = env(&mq, &vm, "gw-tls")
+        .into_iter()
+        .filter(|(k, _)| *k != "GATEWAY_MQTT__URL")
+        .collect();
+    settings.extend([
+        ("GATEWAY_MQTT__URL", format!("mqtts://127.0.0.1:{tls_port}")),
+        (
+            "GATEWAY_MQTT__CA_FILE",
+            d.join("ca.pem").display().to_string(),
+        ),
+        ("GATEWAY_MQTT__USERNAME", "gateway".to_string()),
+        (
+            "GATEWAY_MQTT__PASSWORD_FILE",
+            d.join("gateway.pw").display().to_string(),
+        ),
+    ]);
+    let gw = Gateway::start(&settings).await;
+    publish(mq.port, load("tls")).await.expect("publishers");
+    all_in_sink(&vm, "tls").await;
+    assert!(
+        !gw.logs().contains("gw-s3cret-771"),
+        "the password never reaches the logs"
+    );
+}

@@ -495,77 +495,14 @@ async fn clock_skew_within_the_limit_lands_beyond_it_is_refused_and_counted() {
     assert!(offsets.iter().all(|o| *o < 600_000 + 5_000));
 }
 
-/// Runs `program` with `args` in `dir`, failing the test with its output when it fails.
-fn tool(dir: &std::path::Path, program: &str, args: &[&str]) {
-    let out = std::process::Command::new(program)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| panic!("{program} runs: {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_and_credentials_against_a_broker_that_demands_both() {
     // mosquitto with a certificate from a throwaway CA and a password file: the gateway's
     // embedded broker has neither, an external broker usually has both.
     let dir = tempfile::tempdir().expect("temp dir");
     let d = dir.path();
-    let openssl = |args: &[&str]| tool(d, "openssl", args);
-    openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=test CA",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-    ]);
-    openssl(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
-        "/CN=127.0.0.1",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-    ]);
-    std::fs::write(
-        d.join("ext.cnf"),
-        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
-    )
-    .expect("write ext.cnf");
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "1",
-        "-extfile",
-        "ext.cnf",
-        "-out",
-        "server.pem",
-    ]);
-    tool(
+    e2e::make_test_ca(d);
+    e2e::tool(
         d,
         "mosquitto_passwd",
         &["-b", "-c", "passwd", "device", "s3cret"],

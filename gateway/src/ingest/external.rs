@@ -35,28 +35,27 @@ pub struct External {
     pub finish: CancellationToken,
 }
 
-/// `mqtt://host:port` → (host, port).
-pub fn parse_url(url: &str) -> Result<(String, u16), IngestError> {
-    if url.starts_with("mqtts://") {
-        return Err(IngestError::Unsupported(
-            "mqtts:// (TLS to the broker) is not built yet; use mqtt:// on a trusted network or a TLS-terminating proxy",
-        ));
-    }
-    let rest = url
-        .strip_prefix("mqtt://")
-        .ok_or(IngestError::Url(url.to_owned()))?;
+/// `mqtt://host[:1883]` or `mqtts://host[:8883]` → (host, port, TLS).
+pub fn parse_url(url: &str) -> Result<(String, u16, bool), IngestError> {
+    let (rest, tls, default_port) = if let Some(rest) = url.strip_prefix("mqtts://") {
+        (rest, true, 8883)
+    } else if let Some(rest) = url.strip_prefix("mqtt://") {
+        (rest, false, 1883)
+    } else {
+        return Err(IngestError::Url(url.to_owned()));
+    };
     let rest = rest.trim_end_matches('/');
     let (host, port) = match rest.rsplit_once(':') {
-        Some((host, port)) => (
+        Some((host, port)) if !host.ends_with(':') => (
             host,
             port.parse().map_err(|_| IngestError::Url(url.to_owned()))?,
         ),
-        None => (rest, 1883),
+        _ => (rest, default_port),
     };
     if host.is_empty() {
         return Err(IngestError::Url(url.to_owned()));
     }
-    Ok((host.trim_matches(['[', ']']).to_owned(), port))
+    Ok((host.trim_matches(['[', ']']).to_owned(), port, tls))
 }
 
 pub fn start(
@@ -67,8 +66,14 @@ pub fn start(
     stop_input: CancellationToken,
 ) -> Result<External, IngestError> {
     let mqtt = &config.mqtt;
-    let (host, port) = parse_url(&mqtt.url)?;
+    let (host, port, tls) = parse_url(&mqtt.url)?;
     let mut opts = MqttOptions::new(mqtt.client_id.clone(), host, port);
+    if tls {
+        let config = super::tls::client_config(mqtt)?;
+        opts.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(Arc::new(config)),
+        ));
+    }
     opts.set_keep_alive(mqtt.keep_alive);
     opts.set_clean_start(false);
     opts.set_session_expiry_interval(Some(
@@ -224,26 +229,24 @@ mod tests {
 
     #[test]
     fn broker_urls() {
+        let ok = |url: &str| parse_url(url).expect("valid");
         assert_eq!(
-            parse_url("mqtt://127.0.0.1:1885").expect("ok"),
-            ("127.0.0.1".into(), 1885)
+            ok("mqtt://127.0.0.1:1885"),
+            ("127.0.0.1".into(), 1885, false)
         );
         assert_eq!(
-            parse_url("mqtt://broker.local").expect("ok"),
-            ("broker.local".into(), 1883)
+            ok("mqtt://broker.local"),
+            ("broker.local".into(), 1883, false)
         );
+        assert_eq!(ok("mqtt://[::1]:1883"), ("::1".into(), 1883, false));
         assert_eq!(
-            parse_url("mqtt://[::1]:1883").expect("ok"),
-            ("::1".into(), 1883)
+            ok("mqtts://broker.local"),
+            ("broker.local".into(), 8883, true)
         );
         assert!(matches!(parse_url("tcp://x:1"), Err(IngestError::Url(_))));
         assert!(matches!(
             parse_url("mqtt://x:notaport"),
             Err(IngestError::Url(_))
-        ));
-        assert!(matches!(
-            parse_url("mqtts://x:8883"),
-            Err(IngestError::Unsupported(_))
         ));
     }
 }

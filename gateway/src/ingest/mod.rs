@@ -7,6 +7,7 @@ pub mod embedded;
 pub mod external;
 pub mod limit;
 pub mod rejects;
+pub mod tls;
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -29,9 +30,9 @@ pub enum IngestError {
     /// The embedded broker would not start or link; the message says why.
     #[error("embedded broker: {0}")]
     Broker(String),
-    /// A setting asks for something not built yet: the message says what to use instead.
-    #[error("{0}")]
-    Unsupported(&'static str),
+    /// The TLS settings cannot be used: the message names the key.
+    #[error("TLS to the broker: {0}")]
+    Tls(String),
     /// mqtt.url is not mqtt://host[:port].
     #[error("mqtt.url {0:?} must look like mqtt://host:1883")]
     Url(String),
