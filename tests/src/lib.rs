@@ -247,6 +247,14 @@ impl Influx1 {
         influx
     }
 
+    /// The first value of the first row of `q` (a count, a last value), as a float; None when
+    /// the query returns no rows.
+    pub async fn scalar(&self, db: &str, q: &str) -> Option<f64> {
+        let body = self.query(db, q).await.expect("InfluxQL query");
+        body.pointer("/results/0/series/0/values/0/1")
+            .and_then(|v| v.as_f64())
+    }
+
     /// Runs InfluxQL; timestamps come back as integer nanoseconds.
     pub async fn query(&self, db: &str, q: &str) -> Result<serde_json::Value> {
         let response = http()
@@ -597,24 +605,42 @@ async fn await_acks(events: &mut impl Events, client_id: &str, total: usize) -> 
     Ok(())
 }
 
-/// Publishes `messages` at QoS 1 over MQTT 3.1.1 from one client and waits for every PUBACK.
-pub async fn publish_v4(port: u16, client_id: &str, messages: Vec<Message>) -> Result<()> {
-    use rumqttc::{AsyncClient, MqttOptions, QoS};
-    let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
+/// An MQTT 3.1.1 client for a test publisher.
+fn v4_client(
+    port: u16,
+    client_id: &str,
+    clean: bool,
+) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
+    let mut opts = rumqttc::MqttOptions::new(client_id, "127.0.0.1", port);
     opts.set_keep_alive(Duration::from_secs(30));
     opts.set_max_packet_size(4 << 20, 4 << 20);
-    let (client, mut eventloop) = AsyncClient::new(opts, 64);
+    opts.set_clean_session(clean);
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, 64);
     // A thousand devices connecting at once wait in the broker's accept queue.
     eventloop.network_options.set_connection_timeout(60);
-    let total = messages.len();
-    let publisher = tokio::spawn(async move {
+    (client, eventloop)
+}
+
+/// Publishes `messages` at QoS 1 from a task of its own, while the caller polls the event loop.
+fn spawn_publisher(
+    client: rumqttc::AsyncClient,
+    messages: Vec<Message>,
+) -> tokio::task::JoinHandle<Result<rumqttc::AsyncClient>> {
+    tokio::spawn(async move {
         for m in messages {
             client
-                .publish(m.topic, QoS::AtLeastOnce, false, m.payload)
+                .publish(m.topic, rumqttc::QoS::AtLeastOnce, false, m.payload)
                 .await?;
         }
         anyhow::Ok(client)
-    });
+    })
+}
+
+/// Publishes `messages` at QoS 1 over MQTT 3.1.1 from one client and waits for every PUBACK.
+pub async fn publish_v4(port: u16, client_id: &str, messages: Vec<Message>) -> Result<()> {
+    let (client, mut eventloop) = v4_client(port, client_id, true);
+    let total = messages.len();
+    let publisher = spawn_publisher(client, messages);
     await_acks(&mut eventloop, client_id, total).await?;
     // Close the socket without an MQTT DISCONNECT: rumqttd 0.20 handles a DISCONNECT followed
     // by the socket closing as two disconnections, and the second one can cut whichever new
@@ -755,21 +781,10 @@ impl Drop for Mosquitto {
 /// Publishes at QoS 1 over MQTT 3.1.1 and rides out broker restarts: rumqttc reconnects and
 /// sends again what was not acknowledged. Returns once `messages.len()` acknowledgements came.
 pub async fn publish_resilient(port: u16, client_id: &str, messages: Vec<Message>) -> Result<()> {
-    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-    let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
-    opts.set_keep_alive(Duration::from_secs(30));
-    opts.set_clean_session(false);
-    let (client, mut eventloop) = AsyncClient::new(opts, 64);
-    eventloop.network_options.set_connection_timeout(60);
+    use rumqttc::{Event, Packet};
+    let (client, mut eventloop) = v4_client(port, client_id, false);
     let total = messages.len();
-    let publisher = tokio::spawn(async move {
-        for m in messages {
-            client
-                .publish(m.topic, QoS::AtLeastOnce, false, m.payload)
-                .await?;
-        }
-        anyhow::Ok(client)
-    });
+    let publisher = spawn_publisher(client, messages);
     let mut acked = 0;
     let deadline = Instant::now() + Duration::from_secs(180);
     while acked < total {

@@ -165,27 +165,21 @@ async fn spill_keeps_the_order_of_a_device() {
         g(&m, "gateway_spilled_readings_total") > 10_000.0,
         "the spill was used: {m:?}"
     );
-    let body = influx
-        .query(
-            "telemetry",
-            "SELECT last(seq) FROM ordered WHERE device = 'probe'",
-        )
-        .await
-        .expect("query");
     assert_eq!(
-        body.pointer("/results/0/series/0/values/0/1")
-            .and_then(|v| v.as_f64()),
+        influx
+            .scalar(
+                "telemetry",
+                "SELECT last(seq) FROM ordered WHERE device = 'probe'"
+            )
+            .await,
         Some(299.0),
         "the last overwrite wins: order kept through queue, spill and batches"
     );
-    let body = influx
-        .query("telemetry", "SELECT count(v) FROM ordered")
-        .await
-        .expect("query");
     assert_eq!(
-        body.pointer("/results/0/series/0/values/0/1")
-            .and_then(|v| v.as_u64()),
-        Some(40_000)
+        influx
+            .scalar("telemetry", "SELECT count(v) FROM ordered")
+            .await,
+        Some(40_000.0)
     );
 }
 
@@ -238,27 +232,21 @@ async fn sink_down_throughout_a_million_reading_burst_then_everything_in_order()
         g(&m, "gateway_dlq_redriven_readings_total"),
         gw.peak_rss() as f64 / 1048576.0
     );
-    let body = influx
-        .query(
-            "telemetry",
-            "SELECT last(seq) FROM down WHERE device = 'probe'",
-        )
-        .await
-        .expect("query");
     assert_eq!(
-        body.pointer("/results/0/series/0/values/0/1")
-            .and_then(|v| v.as_f64()),
+        influx
+            .scalar(
+                "telemetry",
+                "SELECT last(seq) FROM down WHERE device = 'probe'"
+            )
+            .await,
         Some(199.0),
         "redriven oldest first: the last overwrite wins"
     );
-    let body = influx
-        .query("telemetry", "SELECT count(v) FROM down")
-        .await
-        .expect("query");
     assert_eq!(
-        body.pointer("/results/0/series/0/values/0/1")
-            .and_then(|v| v.as_u64()),
-        Some(1_000_000)
+        influx
+            .scalar("telemetry", "SELECT count(v) FROM down")
+            .await,
+        Some(1_000_000.0)
     );
 }
 
