@@ -4,13 +4,16 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use axum::extract::Request;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
-use axum::response::IntoResponse;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::Secret;
 use crate::metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
@@ -26,16 +29,24 @@ pub enum AdminError {
 /// Binds now (so a taken port fails start-up), serves until `stop`.
 pub async fn serve(
     addr: SocketAddr,
+    token: Secret,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>, AdminError> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| AdminError::Bind { addr, source })?;
-    let app = Router::new()
+    let guarded = Router::new()
         .route("/metrics", get(metrics_text))
-        .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
+        .layer(axum::middleware::from_fn(
+            move |request: Request, next: Next| {
+                let token = token.clone();
+                async move { bearer(&token, request, next).await }
+            },
+        ));
+    let app = guarded
+        .route("/healthz", get(|| async { "ok\n" }))
         .with_state(metrics);
     Ok(tokio::spawn(async move {
         let served = axum::serve(listener, app)
@@ -45,6 +56,33 @@ pub async fn serve(
             tracing::error!(error = %e, "admin listener failed");
         }
     }))
+}
+
+/// With a token configured, only requests that carry it get through.
+async fn bearer(token: &Secret, request: Request, next: Next) -> Response {
+    if token.is_empty() {
+        return next.run(request).await;
+    }
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    // Constant-time: the comparison does not tell how much of a guess was right.
+    let ok = presented.is_some_and(|p| {
+        let (a, b) = (p.as_bytes(), token.expose().as_bytes());
+        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    });
+    if ok {
+        next.run(request).await
+    } else {
+        (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            "admin.token required\n",
+        )
+            .into_response()
+    }
 }
 
 async fn metrics_text(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {

@@ -197,6 +197,8 @@ pub struct SinkConfig {
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+    pub token: Secret,
+    pub token_file: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -332,6 +334,11 @@ impl Config {
             "mqtt.password_file",
             &config.mqtt.password_file,
             config.mqtt.password,
+        )?;
+        config.admin.token = read_secret(
+            "admin.token_file",
+            &config.admin.token_file,
+            config.admin.token,
         )?;
         config.validate()?;
         Ok(config)

@@ -98,7 +98,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<L
     metrics.sink_up.set(1);
 
     let admin_stop = CancellationToken::new();
-    let admin = admin::serve(config.admin.listen, metrics.clone(), admin_stop.clone()).await?;
+    let admin = admin::serve(
+        config.admin.listen,
+        config.admin.token.clone(),
+        metrics.clone(),
+        admin_stop.clone(),
+    )
+    .await?;
 
     let (queue_tx, queue_rx) = queue::bounded(
         config.queue.max_readings,

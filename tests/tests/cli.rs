@@ -94,3 +94,84 @@ fn bad_settings_fail_with_the_key_and_the_fix() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn known_secrets_appear_nowhere_and_the_admin_token_guards_metrics() {
+    const SINK_TOKEN: &str = "sink-token-5b2e9";
+    const MQTT_PASSWORD: &str = "mqtt-password-77c1";
+    const ADMIN_TOKEN: &str = "admin-token-0d4f";
+    let dead_sink = format!("http://127.0.0.1:{}", e2e::free_port());
+    let env = [
+        ("GATEWAY_SINK__URL", dead_sink),
+        ("GATEWAY_SINK__TOKEN", SINK_TOKEN.to_string()),
+        ("GATEWAY_SINK__MAX_ATTEMPTS", "1".to_string()),
+        ("GATEWAY_MQTT__PASSWORD", MQTT_PASSWORD.to_string()),
+        ("GATEWAY_ADMIN__TOKEN", ADMIN_TOKEN.to_string()),
+    ];
+    let gw = e2e::Gateway::start(&env).await;
+    // Some traffic, so that failures are logged (the sink is unreachable).
+    let msg = e2e::Message {
+        topic: "telemetry/d1/env".into(),
+        payload: serde_json::to_vec(&serde_json::json!({"fields": {"v": 1}})).expect("json"),
+        content_type: None,
+    };
+    e2e::publish_v4(gw.mqtt_port, "d1", vec![msg])
+        .await
+        .expect("published");
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+
+    let http = e2e::http();
+    let denied = http
+        .get(format!("{}/metrics", gw.admin))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(denied.status().as_u16(), 401, "no token, no metrics");
+    let wrong = http
+        .get(format!("{}/metrics", gw.admin))
+        .bearer_auth("admin-token-0d4e")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(wrong.status().as_u16(), 401);
+    let health = http
+        .get(format!("{}/healthz", gw.admin))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(health.status().as_u16(), 200, "liveness stays open");
+    let metrics = http
+        .get(format!("{}/metrics", gw.admin))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("request")
+        .text()
+        .await
+        .expect("body");
+    assert!(
+        metrics.contains("gateway_messages_received_total 1"),
+        "{metrics}"
+    );
+
+    let mut check = std::process::Command::new(e2e::gateway_binary());
+    check.arg("check-config").env_clear();
+    for (k, v) in &env {
+        check.env(k, v);
+    }
+    let out = check.output().expect("check-config runs");
+    let check_config =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{check_config}");
+
+    let logs = gw.logs();
+    for secret in [SINK_TOKEN, MQTT_PASSWORD, ADMIN_TOKEN] {
+        assert!(!logs.contains(secret), "{secret} in the logs");
+        assert!(!metrics.contains(secret), "{secret} in /metrics");
+        assert!(!check_config.contains(secret), "{secret} in check-config");
+    }
+    assert!(
+        logs.contains("the sink is down"),
+        "failures were logged, so the logs were exercised"
+    );
+}
