@@ -202,6 +202,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<L
     let limiter = (config.limits.device_rate > 0).then(|| {
         ingest::limit::RateLimiter::new(config.limits.device_rate, config.limits.device_burst)
     });
+    let filter = pattern.filter();
     let intake = ingest::Intake::new(
         decode::Decoder::new(config.limits(), pattern),
         queue_tx,
@@ -220,7 +221,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<L
             tokio::spawn(embedded.run(intake, metrics.clone(), ingest_stop.clone()))
         }
         MqttMode::External => {
-            let filter = decode::TopicPattern::parse(&config.mqtt.topic)?.filter();
             let external = ingest::external::start(
                 &config,
                 intake,
