@@ -10,6 +10,7 @@ command -v influxd >/dev/null 2>&1 || [ -x /usr/bin/influxd ] || need+=(influxdb
 [ -x /usr/sbin/mosquitto ] || need+=(mosquitto mosquitto-clients)
 command -v curl >/dev/null 2>&1 || need+=(curl ca-certificates)
 command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""
