@@ -874,3 +874,76 @@ pub fn make_test_ca(dir: &std::path::Path) {
         "server.pem",
     ]);
 }
+
+/// A metric by its exposed name (labels included), 0 when absent.
+pub fn get(m: &HashMap<String, f64>, name: &str) -> f64 {
+    m.get(name).copied().unwrap_or(0.0)
+}
+
+/// How a test fleet encodes its payloads.
+#[derive(Debug, Clone, Copy)]
+pub enum Encoding {
+    Json,
+    Cbor,
+}
+
+/// `devices` devices × `messages` messages × `per_message` readings of field `v` on
+/// `measurement` (device `<measurement>-<n>`); every reading of a device has its own millisecond.
+pub fn fleet(
+    devices: usize,
+    messages: usize,
+    per_message: usize,
+    measurement: &str,
+    encoding: Encoding,
+) -> Vec<(String, Vec<Message>)> {
+    let base = base_ms();
+    (0..devices)
+        .map(|d| {
+            let device = format!("{measurement}-{d:04}");
+            let msgs = (0..messages)
+                .map(|m| {
+                    let index = |r: usize| (m * per_message + r) as i64;
+                    let payload = match encoding {
+                        Encoding::Json => {
+                            let readings: Vec<serde_json::Value> = (0..per_message)
+                                .map(|r| serde_json::json!({"ts": base + index(r), "fields": {"v": index(r)}}))
+                                .collect();
+                            serde_json::to_vec(&readings).expect("json")
+                        }
+                        Encoding::Cbor => {
+                            use ciborium::Value as C;
+                            let readings = (0..per_message)
+                                .map(|r| {
+                                    C::Map(vec![
+                                        (C::Text("ts".into()), C::Integer((base + index(r)).into())),
+                                        (
+                                            C::Text("fields".into()),
+                                            C::Map(vec![(C::Text("v".into()), C::Float(index(r) as f64))]),
+                                        ),
+                                    ])
+                                })
+                                .collect();
+                            cbor(&C::Array(readings))
+                        }
+                    };
+                    Message { topic: format!("telemetry/{device}/{measurement}"), payload, content_type: None }
+                })
+                .collect();
+            (device, msgs)
+        })
+        .collect()
+}
+
+/// Publishes a fleet, one MQTT 3.1.1 connection per device at once, every message
+/// acknowledged; returns how long that took.
+pub async fn publish_fleet(port: u16, fleet: Vec<(String, Vec<Message>)>) -> Duration {
+    let started = Instant::now();
+    let tasks: Vec<_> = fleet
+        .into_iter()
+        .map(|(device, msgs)| tokio::spawn(async move { publish_v4(port, &device, msgs).await }))
+        .collect();
+    for t in tasks {
+        t.await.expect("task").expect("published and acknowledged");
+    }
+    started.elapsed()
+}

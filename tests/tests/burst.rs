@@ -4,63 +4,8 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use ciborium::Value as C;
 use e2e::proxy::{Fault, FaultProxy};
 use e2e::*;
-
-fn g(m: &HashMap<String, f64>, k: &str) -> f64 {
-    m.get(k).copied().unwrap_or(0.0)
-}
-
-/// `devices` devices × `messages` CBOR messages × `per_message` readings with field `v`, on
-/// `measurement`; every reading of a device has its own millisecond.
-fn burst(
-    devices: usize,
-    messages: usize,
-    per_message: usize,
-    measurement: &str,
-) -> Vec<(String, Vec<Message>)> {
-    let base = base_ms();
-    (0..devices)
-        .map(|d| {
-            let device = format!("{measurement}-{d:04}");
-            let msgs = (0..messages)
-                .map(|m| {
-                    let readings = (0..per_message)
-                        .map(|r| {
-                            let i = (m * per_message + r) as i64;
-                            C::Map(vec![
-                                (C::Text("ts".into()), C::Integer((base + i).into())),
-                                (
-                                    C::Text("fields".into()),
-                                    C::Map(vec![(C::Text("v".into()), C::Float(i as f64))]),
-                                ),
-                            ])
-                        })
-                        .collect();
-                    Message {
-                        topic: format!("telemetry/{device}/{measurement}"),
-                        payload: cbor(&C::Array(readings)),
-                        content_type: None,
-                    }
-                })
-                .collect();
-            (device, msgs)
-        })
-        .collect()
-}
-
-async fn publish_all(port: u16, fleet: Vec<(String, Vec<Message>)>) -> Duration {
-    let started = Instant::now();
-    let tasks: Vec<_> = fleet
-        .into_iter()
-        .map(|(device, msgs)| tokio::spawn(async move { publish_v4(port, &device, msgs).await }))
-        .collect();
-    for t in tasks {
-        t.await.expect("task").expect("published and acknowledged");
-    }
-    started.elapsed()
-}
 
 /// Messages from one device that all write the same series and timestamp with a rising
 /// `seq`: if the gateway keeps the order, the sink ends with the last one.
@@ -79,19 +24,19 @@ fn overwrites(device: &str, measurement: &str, count: usize) -> Vec<Message> {
 async fn settled(gw: &Gateway, accepted: f64, within: Duration) -> HashMap<String, f64> {
     let m = eventually(within, "everything written", || async {
         let m = gw.metrics().await?;
-        let busy = g(&m, "gateway_queue_readings")
-            + g(&m, "gateway_readings_in_flight")
-            + g(&m, "gateway_spill_readings")
-            + g(&m, "gateway_dlq_readings");
+        let busy = get(&m, "gateway_queue_readings")
+            + get(&m, "gateway_readings_in_flight")
+            + get(&m, "gateway_spill_readings")
+            + get(&m, "gateway_dlq_readings");
         anyhow::ensure!(
-            busy == 0.0 && g(&m, "gateway_sink_readings_written_total") == accepted,
+            busy == 0.0 && get(&m, "gateway_sink_readings_written_total") == accepted,
             "written {} of {accepted}, {busy} on the way",
-            g(&m, "gateway_sink_readings_written_total")
+            get(&m, "gateway_sink_readings_written_total")
         );
         Ok(m)
     })
     .await;
-    assert_eq!(g(&m, "gateway_readings_accepted_total"), accepted);
+    assert_eq!(get(&m, "gateway_readings_accepted_total"), accepted);
     m
 }
 
@@ -102,29 +47,29 @@ async fn a_million_readings_through_a_throttled_sink() {
     proxy.set(Fault::Throttle(20_000));
     // Default sizing: queue 500,000 readings / 128 MiB, broker log 4 × 32 MiB, spill on.
     let gw = Gateway::start(&[("GATEWAY_SINK__URL", proxy.url.clone())]).await;
-    let fleet = burst(1_000, 10, 100, "burst");
-    let took = publish_all(gw.mqtt_port, fleet).await;
+    let fleet = fleet(1_000, 10, 100, "burst", Encoding::Cbor);
+    let took = publish_fleet(gw.mqtt_port, fleet).await;
     eprintln!("burst: 1,000,000 readings from 1,000 devices published in {took:.1?}");
     let m = settled(&gw, 1_000_000.0, Duration::from_secs(240)).await;
     let rss = gw.peak_rss();
     eprintln!(
         "peak RSS {:.1} MiB; spilled {} readings; broker dropped {}",
         rss as f64 / 1048576.0,
-        g(&m, "gateway_spilled_readings_total"),
-        g(&m, "gateway_broker_dropped_total")
+        get(&m, "gateway_spilled_readings_total"),
+        get(&m, "gateway_broker_dropped_total")
     );
     assert_eq!(
-        g(&m, "gateway_broker_dropped_total"),
+        get(&m, "gateway_broker_dropped_total"),
         0.0,
         "default sizing loses nothing in the broker"
     );
     assert!(
-        g(&m, "gateway_spilled_readings_total") > 0.0,
+        get(&m, "gateway_spilled_readings_total") > 0.0,
         "the queue filled and the spill took the rest"
     );
     assert_eq!(
-        g(&m, "gateway_spilled_readings_total"),
-        g(&m, "gateway_spill_drained_readings_total")
+        get(&m, "gateway_spilled_readings_total"),
+        get(&m, "gateway_spill_drained_readings_total")
     );
     // Stated bound: queue bytes (128 MiB) + the broker's log (128 MiB) + 128 MiB for the rest.
     assert!(
@@ -158,11 +103,11 @@ async fn spill_keeps_the_order_of_a_device() {
     let probe = tokio::spawn(async move {
         publish_v4(port, "order-probe", overwrites("probe", "ordered", 300)).await
     });
-    publish_all(gw.mqtt_port, burst(20, 20, 100, "ordered")).await;
+    publish_fleet(gw.mqtt_port, fleet(20, 20, 100, "ordered", Encoding::Cbor)).await;
     probe.await.expect("task").expect("probe published");
     let m = settled(&gw, 40_300.0, Duration::from_secs(120)).await;
     assert!(
-        g(&m, "gateway_spilled_readings_total") > 10_000.0,
+        get(&m, "gateway_spilled_readings_total") > 10_000.0,
         "the spill was used: {m:?}"
     );
     assert_eq!(
@@ -203,17 +148,17 @@ async fn sink_down_throughout_a_million_reading_burst_then_everything_in_order()
     let probe = tokio::spawn(async move {
         publish_v4(port, "down-probe", overwrites("probe", "down", 200)).await
     });
-    publish_all(gw.mqtt_port, burst(1_000, 10, 100, "down")).await;
+    publish_fleet(gw.mqtt_port, fleet(1_000, 10, 100, "down", Encoding::Cbor)).await;
     probe.await.expect("task").expect("probe published");
     // Everything is on disk: the dead-letter queue (batches whose writes failed) and the spill.
     let held = eventually(Duration::from_secs(60), "held on disk", || async {
         let m = gw.metrics().await?;
-        let held = g(&m, "gateway_dlq_readings")
-            + g(&m, "gateway_spill_readings")
-            + g(&m, "gateway_queue_readings")
-            + g(&m, "gateway_readings_in_flight");
+        let held = get(&m, "gateway_dlq_readings")
+            + get(&m, "gateway_spill_readings")
+            + get(&m, "gateway_queue_readings")
+            + get(&m, "gateway_readings_in_flight");
         anyhow::ensure!(
-            g(&m, "gateway_readings_accepted_total") == 1_000_200.0 && held == 1_000_200.0,
+            get(&m, "gateway_readings_accepted_total") == 1_000_200.0 && held == 1_000_200.0,
             "held {held}"
         );
         Ok(held)
@@ -224,12 +169,12 @@ async fn sink_down_throughout_a_million_reading_burst_then_everything_in_order()
     let m = settled(&gw, 1_000_200.0, Duration::from_secs(120)).await;
     eprintln!(
         "sink down: parked {} readings, spilled {}, redriven {}; peak RSS {:.1} MiB",
-        g(
+        get(
             &m,
             "gateway_dlq_parked_readings_total{kind=\"retries_exhausted\"}"
         ),
-        g(&m, "gateway_spilled_readings_total"),
-        g(&m, "gateway_dlq_redriven_readings_total"),
+        get(&m, "gateway_spilled_readings_total"),
+        get(&m, "gateway_dlq_redriven_readings_total"),
         gw.peak_rss() as f64 / 1048576.0
     );
     assert_eq!(
@@ -261,14 +206,19 @@ async fn per_device_rate_limit_refuses_with_a_counted_reason() {
     .await;
     let port = gw.mqtt_port;
     let other = tokio::spawn(async move {
-        publish_v4(port, "calm", burst(1, 1, 100, "calm").remove(0).1).await
+        publish_v4(
+            port,
+            "calm",
+            fleet(1, 1, 100, "calm", Encoding::Cbor).remove(0).1,
+        )
+        .await
     });
     // 2,000 readings as fast as possible: the burst of 100 passes, then about 50 a second.
     let started = Instant::now();
     publish_v4(
         gw.mqtt_port,
         "greedy",
-        burst(1, 20, 100, "greedy").remove(0).1,
+        fleet(1, 20, 100, "greedy", Encoding::Cbor).remove(0).1,
     )
     .await
     .expect("published");
@@ -280,8 +230,8 @@ async fn per_device_rate_limit_refuses_with_a_counted_reason() {
         "all 2,100 readings counted",
         || async {
             let m = gw.metrics().await?;
-            let counted = g(&m, "gateway_readings_accepted_total")
-                + g(
+            let counted = get(&m, "gateway_readings_accepted_total")
+                + get(
                     &m,
                     "gateway_readings_rejected_total{reason=\"rate_limited\"}",
                 );
@@ -290,11 +240,11 @@ async fn per_device_rate_limit_refuses_with_a_counted_reason() {
         },
     )
     .await;
-    let limited = g(
+    let limited = get(
         &m,
         "gateway_readings_rejected_total{reason=\"rate_limited\"}",
     );
-    let accepted = g(&m, "gateway_readings_accepted_total");
+    let accepted = get(&m, "gateway_readings_accepted_total");
     assert!(
         limited >= 2_000.0 - 100.0 - 50.0 * (elapsed + 1.0) - 100.0,
         "refused {limited} in {elapsed:.1} s"

@@ -1,14 +1,9 @@
 //! External mode against a real mosquitto: shared subscriptions split the load, messages are
 //! acknowledged only once safe, and replicas, the broker and the sink can fail mid-load.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use e2e::*;
-
-fn g(m: &HashMap<String, f64>, k: &str) -> f64 {
-    m.get(k).copied().unwrap_or(0.0)
-}
 
 fn env(mq: &Mosquitto, vm: &VictoriaMetrics, client_id: &str) -> Vec<(&'static str, String)> {
     vec![
@@ -211,35 +206,35 @@ async fn sink_down_mid_load_stops_acknowledgements_then_loses_nothing() {
         || async {
             tokio::time::sleep(Duration::from_secs(1)).await;
             let m = gw.metrics().await?;
-            let received = g(&m, "gateway_messages_received_total");
+            let received = get(&m, "gateway_messages_received_total");
             let previous = std::mem::replace(&mut *last.lock().expect("lock"), received);
             anyhow::ensure!(received == previous, "still receiving: {received}");
             Ok(m)
         },
     )
     .await;
-    let received = g(&m, "gateway_messages_received_total");
+    let received = get(&m, "gateway_messages_received_total");
     eprintln!(
         "sink down: the gateway stopped at {received} of 10,000 messages, {} unacknowledged",
-        g(&m, "gateway_unacked_messages")
+        get(&m, "gateway_unacked_messages")
     );
     assert!(received < 10_000.0, "the broker holds the rest");
     assert!(
-        g(&m, "gateway_unacked_messages") > 0.0,
+        get(&m, "gateway_unacked_messages") > 0.0,
         "acknowledgements stopped"
     );
     assert_eq!(
-        g(&m, "gateway_dlq_readings"),
+        get(&m, "gateway_dlq_readings"),
         0.0,
         "the broker is the buffer, not the DLQ"
     );
-    assert_eq!(g(&m, "gateway_sink_up"), 0.0);
+    assert_eq!(get(&m, "gateway_sink_up"), 0.0);
     vm.restart().await;
     publishing.await.expect("publishers");
     all_in_sink(&vm, "stalled").await;
     let m = gw.metrics().await.expect("metrics");
-    assert_eq!(g(&m, "gateway_sink_up"), 1.0);
-    assert_eq!(g(&m, "gateway_dlq_readings"), 0.0);
+    assert_eq!(get(&m, "gateway_sink_up"), 1.0);
+    assert_eq!(get(&m, "gateway_dlq_readings"), 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -7,52 +7,6 @@ use std::time::{Duration, Instant};
 use e2e::proxy::{Fault, FaultProxy};
 use e2e::*;
 
-/// `devices` × `messages` JSON messages of `per_message` readings each, on `measurement`,
-/// with a unique timestamp per reading of a device.
-fn fleet(
-    devices: usize,
-    messages: usize,
-    per_message: usize,
-    measurement: &str,
-) -> Vec<(String, Vec<Message>)> {
-    let base = base_ms();
-    (0..devices)
-        .map(|d| {
-            let device = format!("{measurement}-dev-{d:03}");
-            let msgs = (0..messages)
-                .map(|m| {
-                    let readings: Vec<serde_json::Value> = (0..per_message)
-                        .map(|r| {
-                            let i = (m * per_message + r) as i64;
-                            serde_json::json!({"ts": base + i, "fields": {"v": i}})
-                        })
-                        .collect();
-                    Message {
-                        topic: format!("telemetry/{device}/{measurement}"),
-                        payload: serde_json::to_vec(&readings).expect("json"),
-                        content_type: None,
-                    }
-                })
-                .collect();
-            (device, msgs)
-        })
-        .collect()
-}
-
-async fn publish_fleet(port: u16, fleet: Vec<(String, Vec<Message>)>) {
-    let tasks: Vec<_> = fleet
-        .into_iter()
-        .map(|(device, msgs)| tokio::spawn(async move { publish_v4(port, &device, msgs).await }))
-        .collect();
-    for t in tasks {
-        t.await.expect("task").expect("published and acknowledged");
-    }
-}
-
-fn g(m: &HashMap<String, f64>, k: &str) -> f64 {
-    m.get(k).copied().unwrap_or(0.0)
-}
-
 /// Waits until nothing is queued, in flight or parked, and checks the ledger.
 async fn settled(gw: &Gateway, accepted: f64) -> HashMap<String, f64> {
     let m = eventually(
@@ -60,21 +14,25 @@ async fn settled(gw: &Gateway, accepted: f64) -> HashMap<String, f64> {
         "queue, flight and DLQ empty",
         || async {
             let m = gw.metrics().await?;
-            let busy = g(&m, "gateway_queue_readings")
-                + g(&m, "gateway_readings_in_flight")
-                + g(&m, "gateway_dlq_readings");
+            let busy = get(&m, "gateway_queue_readings")
+                + get(&m, "gateway_readings_in_flight")
+                + get(&m, "gateway_dlq_readings");
             anyhow::ensure!(busy == 0.0, "queued/in flight/parked: {busy}");
             Ok(m)
         },
     )
     .await;
-    assert_eq!(g(&m, "gateway_readings_accepted_total"), accepted);
+    assert_eq!(get(&m, "gateway_readings_accepted_total"), accepted);
     assert_eq!(
-        g(&m, "gateway_readings_accepted_total") + g(&m, "gateway_dlq_inherited_readings"),
-        g(&m, "gateway_sink_readings_written_total"),
+        get(&m, "gateway_readings_accepted_total") + get(&m, "gateway_dlq_inherited_readings"),
+        get(&m, "gateway_sink_readings_written_total"),
         "ledger: accepted + inherited = written once everything settled"
     );
-    assert_eq!(g(&m, "gateway_dlq_records"), 0.0, "dead-letter queue empty");
+    assert_eq!(
+        get(&m, "gateway_dlq_records"),
+        0.0,
+        "dead-letter queue empty"
+    );
     m
 }
 
@@ -109,9 +67,9 @@ async fn outage_is_redriven_without_an_operator() {
     vm.stop();
     let down_at = Instant::now();
     // 50 devices × 100 messages × 10 readings, all while the sink is down.
-    publish_fleet(gw.mqtt_port, fleet(50, 100, 10, "outage")).await;
+    publish_fleet(gw.mqtt_port, fleet(50, 100, 10, "outage", Encoding::Json)).await;
     let parked = gw.wait_metric("gateway_dlq_readings", 50_000.0).await;
-    assert_eq!(g(&parked, "gateway_sink_up"), 0.0);
+    assert_eq!(get(&parked, "gateway_sink_up"), 0.0);
     let ready = http()
         .get(format!("{}/readyz", gw.admin))
         .send()
@@ -140,8 +98,8 @@ async fn outage_is_redriven_without_an_operator() {
     vm.restart().await;
     let m = settled(&gw, 50_000.0).await;
     assert_eq!(vm_count(&vm, "outage", 50_000).await, 50_000);
-    assert_eq!(g(&m, "gateway_dlq_redriven_readings_total"), 50_000.0);
-    assert_eq!(g(&m, "gateway_sink_up"), 1.0);
+    assert_eq!(get(&m, "gateway_dlq_redriven_readings_total"), 50_000.0);
+    assert_eq!(get(&m, "gateway_sink_up"), 1.0);
     let logs = gw.logs();
     assert_eq!(
         logs.matches("the sink is down").count(),
@@ -173,7 +131,7 @@ async fn faults_through_a_proxy_are_retried_and_redriven() {
     ] {
         proxy.set(fault.clone());
         let before = proxy.faults_served();
-        publish_fleet(gw.mqtt_port, fleet(4, 50, 10, measurement)).await;
+        publish_fleet(gw.mqtt_port, fleet(4, 50, 10, measurement, Encoding::Json)).await;
         total += 2_000.0;
         eventually(Duration::from_secs(30), "faults served", || async {
             anyhow::ensure!(proxy.faults_served() > before, "no fault served yet");
@@ -247,21 +205,21 @@ async fn field_type_conflict_parks_only_the_conflicting_lines() {
     let m = eventually(Duration::from_secs(60), "settled", || async {
         let m = gw.metrics().await?;
         anyhow::ensure!(
-            g(&m, "gateway_queue_readings") + g(&m, "gateway_readings_in_flight") == 0.0
-                && g(&m, "gateway_dlq_readings") == 10.0,
+            get(&m, "gateway_queue_readings") + get(&m, "gateway_readings_in_flight") == 0.0
+                && get(&m, "gateway_dlq_readings") == 10.0,
             "{} parked",
-            g(&m, "gateway_dlq_readings")
+            get(&m, "gateway_dlq_readings")
         );
         Ok(m)
     })
     .await;
     assert_eq!(
-        g(&m, "gateway_sink_readings_written_total"),
+        get(&m, "gateway_sink_readings_written_total"),
         991.0,
         "every other line written"
     );
     assert_eq!(
-        g(
+        get(
             &m,
             "gateway_dlq_parked_readings_total{kind=\"rejected_by_sink\"}"
         ),
@@ -302,10 +260,10 @@ async fn refused_writes_wait_for_the_operator_then_replay() {
         ("GATEWAY_SINK__DATABASE", "missing".to_string()),
     ];
     let mut gw = Gateway::start(&env).await;
-    publish_fleet(gw.mqtt_port, fleet(5, 20, 5, "refused")).await;
+    publish_fleet(gw.mqtt_port, fleet(5, 20, 5, "refused", Encoding::Json)).await;
     let m = gw.wait_metric("gateway_dlq_readings", 500.0).await;
     assert_eq!(
-        g(
+        get(
             &m,
             "gateway_dlq_parked_readings_total{kind=\"refused_by_sink\"}"
         ),
@@ -373,7 +331,7 @@ async fn rejected_input_is_kept_within_a_per_device_allowance() {
         .expect("published");
     let m = gw.wait_metric("gateway_dlq_rejected_inputs", 3.0).await;
     assert_eq!(
-        g(&m, "gateway_dlq_rejected_input_skipped_total"),
+        get(&m, "gateway_dlq_rejected_input_skipped_total"),
         7.0,
         "over the allowance: counted"
     );
@@ -383,7 +341,7 @@ async fn rejected_input_is_kept_within_a_per_device_allowance() {
         "every rejection counted"
     );
     assert_eq!(
-        g(&m, "gateway_dlq_readings"),
+        get(&m, "gateway_dlq_readings"),
         0.0,
         "rejected input is not in the ledger's DLQ term"
     );
@@ -412,16 +370,16 @@ async fn bad_token_is_parked_with_the_sinks_answer_and_replayed() {
         ("GATEWAY_SINK__TOKEN", "wrong-token".into()),
     ])
     .await;
-    publish_fleet(gw.mqtt_port, fleet(3, 10, 10, "token")).await;
+    publish_fleet(gw.mqtt_port, fleet(3, 10, 10, "token", Encoding::Json)).await;
     let m = gw.wait_metric("gateway_dlq_readings", 300.0).await;
     assert_eq!(
-        g(
+        get(
             &m,
             "gateway_dlq_parked_readings_total{kind=\"refused_by_sink\"}"
         ),
         300.0
     );
-    assert_eq!(g(&m, "gateway_sink_up"), 0.0, "refused: not ready");
+    assert_eq!(get(&m, "gateway_sink_up"), 0.0, "refused: not ready");
     let (_, listed, _) = gw.dlq(&["list"]);
     assert!(
         listed[0]["reason"]
@@ -459,20 +417,20 @@ async fn a_full_dlq_pushes_back_and_loses_nothing() {
     .await;
     vm.stop();
     // About 1.4 MB of line protocol: ten times what the DLQ may hold.
-    publish_fleet(gw.mqtt_port, fleet(20, 100, 10, "full")).await;
+    publish_fleet(gw.mqtt_port, fleet(20, 100, 10, "full", Encoding::Json)).await;
     let m = gw.wait_metric("gateway_dlq_full", 1.0).await;
     assert!(
-        g(&m, "gateway_dlq_bytes") <= 128.0 * 1024.0,
+        get(&m, "gateway_dlq_bytes") <= 128.0 * 1024.0,
         "the cap holds"
     );
     assert!(
-        g(&m, "gateway_queue_readings") + g(&m, "gateway_readings_in_flight") > 0.0,
+        get(&m, "gateway_queue_readings") + get(&m, "gateway_readings_in_flight") > 0.0,
         "what does not fit is held, not dropped"
     );
     assert!(gw.logs().contains("cannot park: holding the batch"));
     vm.restart().await;
     let m = settled(&gw, 20_000.0).await;
-    assert_eq!(g(&m, "gateway_dlq_full"), 0.0);
+    assert_eq!(get(&m, "gateway_dlq_full"), 0.0);
     assert_eq!(vm_count(&vm, "full", 20_000).await, 20_000);
 }
 
@@ -487,11 +445,11 @@ async fn retention_deletes_old_records_and_counts_them() {
         ("GATEWAY_DLQ__RETENTION", "2s".into()),
     ])
     .await;
-    publish_fleet(gw.mqtt_port, fleet(2, 5, 10, "old")).await;
+    publish_fleet(gw.mqtt_port, fleet(2, 5, 10, "old", Encoding::Json)).await;
     let m = gw
         .wait_metric("gateway_dlq_expired_readings_total", 100.0)
         .await;
-    assert_eq!(g(&m, "gateway_dlq_records"), 0.0);
+    assert_eq!(get(&m, "gateway_dlq_records"), 0.0);
     assert!(gw.logs().contains("passed dlq.retention"));
 }
 
@@ -507,7 +465,7 @@ async fn shutdown_parks_what_it_could_not_write() {
         ("GATEWAY_SHUTDOWN__TIMEOUT", "1s".into()),
     ])
     .await;
-    publish_fleet(gw.mqtt_port, fleet(4, 25, 10, "shutdown")).await;
+    publish_fleet(gw.mqtt_port, fleet(4, 25, 10, "shutdown", Encoding::Json)).await;
     gw.wait_metric("gateway_readings_accepted_total", 1_000.0)
         .await;
     let started = Instant::now();
