@@ -3,12 +3,12 @@
 //! rejected reading in `gateway_readings_rejected_total{reason}`, whether the gateway refuses
 //! the whole payload (garbage, truncated, bad topic) or its single reading (the others).
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use ciborium::Value as C;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::payload::Encoding;
+use crate::payload::{encode_value, Encoding};
 
 /// Named after the gateway's reason label, which is what a test compares.
 #[derive(
@@ -110,7 +110,7 @@ pub fn build(
             });
         }
         BadKind::Truncated => {
-            let whole = encode(&reading(value(1.5), ts), Encoding::Json)?;
+            let whole = encode_value(&reading(value(1.5), ts), Encoding::Json)?;
             // Any proper prefix of a JSON object ends before the object does.
             let payload = whole[..whole.len() / 2].to_vec();
             return Ok(BadMessage {
@@ -134,19 +134,9 @@ pub fn build(
     };
     Ok(BadMessage {
         topic_suffix,
-        payload: encode(&value, encoding)?,
+        payload: encode_value(&value, encoding)?,
         encoding,
     })
-}
-
-fn encode(value: &C, encoding: Encoding) -> Result<Vec<u8>> {
-    let mut out = Vec::with_capacity(64);
-    match encoding {
-        Encoding::Cbor => ciborium::into_writer(value, &mut out).context("encoding CBOR")?,
-        // ciborium's Value serialises through serde as the JSON a person would write.
-        Encoding::Json => serde_json::to_writer(&mut out, value).context("encoding JSON")?,
-    }
-    Ok(out)
 }
 
 #[cfg(test)]

@@ -105,7 +105,12 @@ pub fn encode(readings: &[Reading<'_>], encoding: Encoding) -> Result<Vec<u8>> {
     }
 }
 
-fn encode_value<T: Serialize + ?Sized>(value: &T, encoding: Encoding) -> Result<Vec<u8>> {
+/// One value as CBOR or JSON (ciborium's `Value` serialises through serde as the JSON a person
+/// would write).
+pub(crate) fn encode_value<T: Serialize + ?Sized>(
+    value: &T,
+    encoding: Encoding,
+) -> Result<Vec<u8>> {
     let mut out = Vec::with_capacity(64);
     match encoding {
         Encoding::Cbor => ciborium::into_writer(value, &mut out).context("encoding CBOR")?,
