@@ -40,6 +40,7 @@ pub enum ConfigError {
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub mqtt: MqttConfig,
+    pub auth: AuthConfig,
     pub decode: DecodeConfig,
     pub queue: QueueConfig,
     pub limits: LimitsConfig,
@@ -98,6 +99,32 @@ pub struct MqttConfig {
     pub ca_file: PathBuf,
     pub client_cert_file: PathBuf,
     pub client_key_file: PathBuf,
+    #[serde(deserialize_with = "optional_addr")]
+    pub tls_listen: Option<SocketAddr>,
+    pub tls_cert_file: PathBuf,
+    pub tls_key_file: PathBuf,
+    pub tls_client_ca_file: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    pub anonymous: bool,
+    pub credentials_file: PathBuf,
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
+    pub bind_identity: bool,
+}
+
+/// An address, or nothing for an empty string (a listener that is off).
+fn optional_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    let s = lossy_string(d)?;
+    if s.is_empty() {
+        return Ok(None);
+    }
+    s.parse()
+        .map(Some)
+        .map_err(|_| serde::de::Error::custom(format!("{s:?} is not host:port, e.g. 0.0.0.0:8883")))
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -145,6 +172,8 @@ pub enum WhenFull {
 pub struct LimitsConfig {
     pub device_rate: u32,
     pub device_burst: u32,
+    pub connection_rate: u32,
+    pub connection_burst: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -517,6 +546,36 @@ impl Config {
             self.limits.device_rate == 0 || self.limits.device_burst >= 1,
             "limits.device_burst must be at least 1 when limits.device_rate is set".into(),
         );
+        need(
+            self.limits.connection_rate == 0 || self.limits.connection_burst >= 1,
+            "limits.connection_burst must be at least 1 when limits.connection_rate is set".into(),
+        );
+        let m = &self.mqtt;
+        let set = |p: &PathBuf| !p.as_os_str().is_empty();
+        if self.mqtt.mode == MqttMode::Embedded {
+            need(
+                self.auth.anonymous
+                    || set(&self.auth.credentials_file)
+                    || set(&m.tls_client_ca_file),
+                "devices cannot authenticate: set auth.credentials_file (add devices with \
+                 `gateway passwd FILE DEVICE`), or mqtt.tls_client_ca_file for client \
+                 certificates, or auth.anonymous = true to let any device connect"
+                    .into(),
+            );
+        }
+        need(
+            m.tls_listen.is_none() || (set(&m.tls_cert_file) && set(&m.tls_key_file)),
+            "mqtt.tls_listen needs mqtt.tls_cert_file and mqtt.tls_key_file".into(),
+        );
+        need(
+            !set(&m.tls_client_ca_file) || m.tls_listen.is_some(),
+            "mqtt.tls_client_ca_file needs mqtt.tls_listen (client certificates come over TLS)"
+                .into(),
+        );
+        need(
+            !self.auth.reload_interval.is_zero(),
+            "auth.reload_interval must be more than 0 (for example \"5s\")".into(),
+        );
         let m = &self.self_metrics;
         need(
             m.interval >= Duration::from_secs(1),
@@ -590,9 +649,20 @@ mod tests {
     use super::*;
     use figment::providers::Serialized;
 
+    /// The defaults refuse to start until devices can authenticate; most tests let them in.
+    const ANONYMOUS: &str = "[auth]\nanonymous = true\n";
+
     #[test]
     fn defaults_are_valid_and_documented() {
-        let c = Config::from_toml("").expect("the built-in defaults validate");
+        let err = Config::from_toml("")
+            .expect_err("no way for devices to authenticate")
+            .to_string();
+        assert!(
+            err.contains("auth.credentials_file") && err.contains("gateway passwd"),
+            "{err}"
+        );
+        let c = Config::from_toml(ANONYMOUS).expect("the built-in defaults validate");
+        assert!(c.auth.bind_identity);
         assert_eq!(c.mqtt.mode, MqttMode::Embedded);
         assert_eq!(c.mqtt.listen, "0.0.0.0:1883".parse().expect("addr"));
         assert_eq!(c.batch.max_readings, 5000);
@@ -605,6 +675,7 @@ mod tests {
     fn env_overrides_every_section() {
         let layered = Serialized::defaults(serde_json::json!({
             "mqtt": {"listen": "127.0.0.1:11883"},
+            "auth": {"anonymous": true},
             "sink": {"url": "http://127.0.0.1:9999", "token": 12345},
             "batch": {"linger": "50ms", "max_bytes": "1MiB"},
         }));
@@ -621,6 +692,7 @@ mod tests {
     fn environment_variable_names_map_to_keys() {
         figment::Jail::expect_with(|jail| {
             jail.set_env("GATEWAY_MQTT__LISTEN", "127.0.0.1:1999");
+            jail.set_env("GATEWAY_AUTH__ANONYMOUS", "true");
             jail.set_env("GATEWAY_SINK__API", "v1");
             jail.set_env("GATEWAY_DECODE__MAX_AGE", "1h");
             let c = Config::load(None).expect("valid");
@@ -678,8 +750,10 @@ mod tests {
 
     #[test]
     fn secrets_never_show_in_debug() {
-        let c = Config::from_toml("[sink]\ntoken = \"s3cr3t-token\"\npassword = \"hunter2\"")
-            .expect("valid");
+        let c = Config::from_toml(&format!(
+            "{ANONYMOUS}[sink]\ntoken = \"s3cr3t-token\"\npassword = \"hunter2\""
+        ))
+        .expect("valid");
         let shown = format!("{c:?}");
         assert!(
             !shown.contains("s3cr3t-token") && !shown.contains("hunter2"),
@@ -694,7 +768,9 @@ mod tests {
         std::fs::create_dir_all(&dir).expect("tmp dir");
         let path = dir.join("token");
         std::fs::write(&path, "from-file\n").expect("write");
-        let layered = Serialized::defaults(serde_json::json!({"sink": {"token_file": path}}));
+        let layered = Serialized::defaults(
+            serde_json::json!({"sink": {"token_file": path}, "auth": {"anonymous": true}}),
+        );
         let c = Config::load_from(None, layered).expect("valid");
         assert_eq!(c.sink.token.expose(), "from-file");
         let missing =

@@ -217,7 +217,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<L
     let mut broker_events = None;
     let mut ingest = match config.mqtt.mode {
         MqttMode::Embedded => {
-            let embedded = ingest::embedded::start(&config)?;
+            let embedded =
+                ingest::embedded::start(&config, metrics.clone(), ingest_stop.clone()).await?;
             tokio::spawn(embedded.run(intake, metrics.clone(), ingest_stop.clone()))
         }
         MqttMode::External => {

@@ -32,6 +32,14 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Add a device to a credentials file, or change its password (argon2id hash). The password
+    /// is the first line of standard input; a running gateway picks the change up by itself.
+    Passwd {
+        /// The credentials file (auth.credentials_file); created if missing.
+        file: PathBuf,
+        /// The device's name: its MQTT username and the {device} of its topics.
+        device: String,
+    },
     /// The dead-letter queue: list, show, replay or purge what could not be written.
     Dlq {
         #[command(subcommand)]
@@ -89,6 +97,32 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Passwd { file, device } => {
+            let mut password = String::new();
+            if let Err(e) = std::io::stdin().read_line(&mut password) {
+                eprintln!("error: cannot read the password from standard input: {e}");
+                return ExitCode::from(2);
+            }
+            let password = password.trim_end_matches(['\r', '\n']);
+            if password.is_empty() {
+                eprintln!("error: empty password (give it on standard input)");
+                return ExitCode::from(2);
+            }
+            match gateway::ingest::guard::credentials::set_password(
+                &file,
+                &device,
+                password.as_bytes(),
+            ) {
+                Ok(()) => {
+                    println!("{device}: password set in {}", file.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::Dlq {
             command,
             config,

@@ -68,6 +68,11 @@ pub struct Metrics {
     pub spill_inherited_readings: Gauge,
     pub spill_readings_total: Counter,
     pub spill_drained_readings: Counter,
+    pub device_connections: Gauge,
+    pub connections_refused: Family<Reason, Counter>,
+    pub connections_closed: Family<Reason, Counter>,
+    pub credentials_devices: Gauge,
+    pub credentials_reloads: Family<Outcome, Counter>,
     /// Lag since the last self-metrics write (not exposed: `/metrics` has the histogram).
     pub lag_window: crate::selfmetrics::LagWindow,
 }
@@ -114,6 +119,11 @@ impl Metrics {
             spill_inherited_readings: Gauge::default(),
             spill_readings_total: Counter::default(),
             spill_drained_readings: Counter::default(),
+            device_connections: Gauge::default(),
+            connections_refused: Family::default(),
+            connections_closed: Family::default(),
+            credentials_devices: Gauge::default(),
+            credentials_reloads: Family::default(),
             lag_window: Default::default(),
             registry: Registry::default(),
         };
@@ -307,6 +317,31 @@ impl Metrics {
             "gateway_spill_drained_readings",
             "Readings moved from the spill buffer back into the queue",
             m.spill_drained_readings.clone(),
+        );
+        r.register(
+            "gateway_device_connections",
+            "Devices connected through the guard (TLS, authentication or connection limits on)",
+            m.device_connections.clone(),
+        );
+        r.register(
+            "gateway_connections_refused",
+            "Device connections refused before they reached the broker, by reason",
+            m.connections_refused.clone(),
+        );
+        r.register(
+            "gateway_connections_closed",
+            "Device connections closed for breaking a rule (identity, subscription, size), by reason",
+            m.connections_closed.clone(),
+        );
+        r.register(
+            "gateway_credentials_devices",
+            "Devices in the credentials file in force",
+            m.credentials_devices.clone(),
+        );
+        r.register(
+            "gateway_credentials_reloads",
+            "Reloads of the credentials file, by outcome",
+            m.credentials_reloads.clone(),
         );
         Self { registry, ..m }
     }

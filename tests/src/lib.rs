@@ -327,6 +327,8 @@ impl Gateway {
                 std::env::var("E2E_GATEWAY_LOG").unwrap_or_else(|_| "info,rumqttd=warn".into()),
             )
             .env("GATEWAY_SHUTDOWN__TIMEOUT", "20s")
+            // Tests that check authentication turn it back on.
+            .env("GATEWAY_AUTH__ANONYMOUS", "true")
             .stdout(Stdio::null())
             .stderr(log_file);
         for (k, v) in env {
@@ -334,6 +336,7 @@ impl Gateway {
         }
         let child = cmd.spawn().expect("gateway starts");
         let mut all_env: Vec<(String, String)> = vec![
+            ("GATEWAY_AUTH__ANONYMOUS".into(), "true".into()),
             (
                 "GATEWAY_DLQ__DIR".into(),
                 dir.path().join("dlq").display().to_string(),
@@ -385,6 +388,14 @@ impl Gateway {
                 },
             )
             .await;
+            return gw;
+        }
+        let authenticated = env
+            .iter()
+            .any(|(k, v)| *k == "GATEWAY_AUTH__ANONYMOUS" && v == "false");
+        if authenticated {
+            // An anonymous probe would be refused; the guard accepts devices only once the
+            // broker behind it listens.
             return gw;
         }
         eventually(Duration::from_secs(10), "MQTT 3.1.1 listener", || async {
@@ -540,6 +551,7 @@ pub fn sum(metrics: &HashMap<String, f64>, name: &str) -> f64 {
 }
 
 /// One MQTT message to publish.
+#[derive(Clone)]
 pub struct Message {
     pub topic: String,
     pub payload: Vec<u8>,
@@ -605,16 +617,87 @@ async fn await_acks(events: &mut impl Events, client_id: &str, total: usize) -> 
     Ok(())
 }
 
+/// How a test device proves who it is: a username and password, TLS (with a client
+/// certificate in the config, or not), or nothing.
+#[derive(Clone, Default)]
+pub struct Login {
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+}
+
+impl Login {
+    pub fn password(username: &str, password: &str) -> Self {
+        Self {
+            username: Some(username.into()),
+            password: Some(password.into()),
+            tls: None,
+        }
+    }
+
+    pub fn over_tls(self, tls: std::sync::Arc<rustls::ClientConfig>) -> Self {
+        Self {
+            tls: Some(tls),
+            ..self
+        }
+    }
+}
+
+/// TLS to a listener whose certificate `make_test_ca` made in `dir`; with `client`, also the
+/// client certificate `make_client_cert(dir, client)` made.
+pub fn tls_client(
+    dir: &std::path::Path,
+    client: Option<&str>,
+) -> std::sync::Arc<rustls::ClientConfig> {
+    let pem = |name: &str| {
+        std::io::BufReader::new(std::fs::File::open(dir.join(name)).expect("PEM file"))
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut pem("ca.pem")) {
+        roots.add(cert.expect("CA PEM")).expect("CA certificate");
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("TLS versions")
+    .with_root_certificates(roots);
+    let config = match client {
+        None => builder.with_no_client_auth(),
+        Some(name) => {
+            let chain = rustls_pemfile::certs(&mut pem(&format!("{name}.pem")))
+                .collect::<Result<Vec<_>, _>>()
+                .expect("client PEM");
+            let key = rustls_pemfile::private_key(&mut pem(&format!("{name}.key")))
+                .expect("key PEM")
+                .expect("a key");
+            builder
+                .with_client_auth_cert(chain, key)
+                .expect("client certificate")
+        }
+    };
+    std::sync::Arc::new(config)
+}
+
 /// An MQTT 3.1.1 client for a test publisher.
 fn v4_client(
     port: u16,
     client_id: &str,
     clean: bool,
+    login: &Login,
 ) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
     let mut opts = rumqttc::MqttOptions::new(client_id, "127.0.0.1", port);
     opts.set_keep_alive(Duration::from_secs(30));
     opts.set_max_packet_size(4 << 20, 4 << 20);
     opts.set_clean_session(clean);
+    if let Some(user) = &login.username {
+        opts.set_credentials(user, login.password.clone().unwrap_or_default());
+    }
+    if let Some(tls) = &login.tls {
+        opts.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(tls.clone()),
+        ));
+    }
     let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, 64);
     // A thousand devices connecting at once wait in the broker's accept queue.
     eventloop.network_options.set_connection_timeout(60);
@@ -638,7 +721,17 @@ fn spawn_publisher(
 
 /// Publishes `messages` at QoS 1 over MQTT 3.1.1 from one client and waits for every PUBACK.
 pub async fn publish_v4(port: u16, client_id: &str, messages: Vec<Message>) -> Result<()> {
-    let (client, mut eventloop) = v4_client(port, client_id, true);
+    publish_v4_as(port, client_id, &Login::default(), messages).await
+}
+
+/// [`publish_v4`] with a login.
+pub async fn publish_v4_as(
+    port: u16,
+    client_id: &str,
+    login: &Login,
+    messages: Vec<Message>,
+) -> Result<()> {
+    let (client, mut eventloop) = v4_client(port, client_id, true, login);
     let total = messages.len();
     let publisher = spawn_publisher(client, messages);
     await_acks(&mut eventloop, client_id, total).await?;
@@ -652,11 +745,24 @@ pub async fn publish_v4(port: u16, client_id: &str, messages: Vec<Message>) -> R
 
 /// Publishes over MQTT 5 with each message's content type, QoS 1, waiting for every PUBACK.
 pub async fn publish_v5(port: u16, client_id: &str, messages: Vec<Message>) -> Result<()> {
+    publish_v5_as(port, client_id, &Login::default(), messages).await
+}
+
+/// [`publish_v5`] with a username and password (no TLS).
+pub async fn publish_v5_as(
+    port: u16,
+    client_id: &str,
+    login: &Login,
+    messages: Vec<Message>,
+) -> Result<()> {
     use rumqttc::v5::mqttbytes::v5::PublishProperties;
     use rumqttc::v5::mqttbytes::QoS;
     use rumqttc::v5::{AsyncClient, MqttOptions};
     let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
     opts.set_keep_alive(Duration::from_secs(30));
+    if let Some(user) = &login.username {
+        opts.set_credentials(user, login.password.clone().unwrap_or_default());
+    }
     let (client, mut eventloop) = AsyncClient::new(opts, 64);
     let total = messages.len();
     let publisher = tokio::spawn(async move {
@@ -782,7 +888,7 @@ impl Drop for Mosquitto {
 /// sends again what was not acknowledged. Returns once `messages.len()` acknowledgements came.
 pub async fn publish_resilient(port: u16, client_id: &str, messages: Vec<Message>) -> Result<()> {
     use rumqttc::{Event, Packet};
-    let (client, mut eventloop) = v4_client(port, client_id, false);
+    let (client, mut eventloop) = v4_client(port, client_id, false, &Login::default());
     let total = messages.len();
     let publisher = spawn_publisher(client, messages);
     let mut acked = 0;
@@ -839,28 +945,44 @@ pub fn make_test_ca(dir: &std::path::Path) {
         "-out",
         "ca.pem",
     ]);
-    openssl(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
+    signed(
+        dir,
+        "server",
         "/CN=127.0.0.1",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-    ]);
-    std::fs::write(
-        dir.join("ext.cnf"),
         "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
-    )
-    .expect("write ext.cnf");
+    );
+}
+
+/// A device certificate `name.pem` / `name.key` with common name `name`, signed by the CA that
+/// [`make_test_ca`] made in `dir`.
+pub fn make_client_cert(dir: &std::path::Path, name: &str) {
+    signed(
+        dir,
+        name,
+        &format!("/CN={name}"),
+        "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n",
+    );
+}
+
+/// A key `name.key` and a certificate `name.pem` for `subject` with `extensions`, signed by
+/// the CA in `dir`.
+fn signed(dir: &std::path::Path, name: &str, subject: &str, extensions: &str) {
+    let openssl = |args: &[&str]| tool(dir, "openssl", args);
+    let (key, csr, pem, ext) = (
+        format!("{name}.key"),
+        format!("{name}.csr"),
+        format!("{name}.pem"),
+        format!("{name}.cnf"),
+    );
+    openssl(&[
+        "req", "-newkey", "rsa:2048", "-nodes", "-subj", subject, "-keyout", &key, "-out", &csr,
+    ]);
+    std::fs::write(dir.join(&ext), extensions).expect("write the extensions");
     openssl(&[
         "x509",
         "-req",
         "-in",
-        "server.csr",
+        &csr,
         "-CA",
         "ca.pem",
         "-CAkey",
@@ -869,9 +991,9 @@ pub fn make_test_ca(dir: &std::path::Path) {
         "-days",
         "1",
         "-extfile",
-        "ext.cnf",
+        &ext,
         "-out",
-        "server.pem",
+        &pem,
     ]);
 }
 

@@ -26,9 +26,19 @@ fn generate_config_prints_the_documented_defaults_which_check_config_accepts() {
     let dir = tempfile::tempdir().expect("tmp");
     let path = dir.path().join("gateway.toml");
     std::fs::write(&path, &toml).expect("write");
-    let (code, out, err) = gateway(
+    // Safe by default: no device may connect until the operator says how they authenticate.
+    let (code, _, err) = gateway(
         &["check-config", "--config", path.to_str().expect("utf-8")],
         &[],
+    );
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("auth.credentials_file") && err.contains("auth.anonymous = true"),
+        "{err}"
+    );
+    let (code, out, err) = gateway(
+        &["check-config", "--config", path.to_str().expect("utf-8")],
+        &[("GATEWAY_AUTH__ANONYMOUS", "true")],
     );
     assert_eq!(code, 0, "{err}");
     assert!(out.starts_with("configuration is valid"), "{out}");
@@ -42,6 +52,7 @@ fn check_config_redacts_secrets_from_env_and_files() {
     let (code, out, err) = gateway(
         &["check-config"],
         &[
+            ("GATEWAY_AUTH__ANONYMOUS", "true"),
             ("GATEWAY_SINK__TOKEN", "env-secret-91bd"),
             (
                 "GATEWAY_SINK__PASSWORD_FILE",
@@ -100,8 +111,29 @@ async fn known_secrets_appear_nowhere_and_the_admin_token_guards_metrics() {
     const SINK_TOKEN: &str = "sink-token-5b2e9";
     const MQTT_PASSWORD: &str = "mqtt-password-77c1";
     const ADMIN_TOKEN: &str = "admin-token-0d4f";
+    const DEVICE_PASSWORD: &str = "device-password-3e6a";
+    const WRONG_PASSWORD: &str = "wrong-password-91c0";
     let dead_sink = format!("http://127.0.0.1:{}", e2e::free_port());
+    let credentials_dir = tempfile::tempdir().expect("tmp");
+    let credentials = credentials_dir.path().join("devices");
+    let mut passwd = Command::new(gateway_binary())
+        .args(["passwd", credentials.to_str().expect("utf-8"), "d1"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("gateway passwd runs");
+    std::io::Write::write_all(
+        &mut passwd.stdin.take().expect("stdin"),
+        format!("{DEVICE_PASSWORD}\n").as_bytes(),
+    )
+    .expect("password written");
+    assert!(passwd.wait().expect("passwd ends").success());
     let env = [
+        ("GATEWAY_AUTH__ANONYMOUS", "false".to_string()),
+        (
+            "GATEWAY_AUTH__CREDENTIALS_FILE",
+            credentials.display().to_string(),
+        ),
         ("GATEWAY_SINK__URL", dead_sink),
         ("GATEWAY_SINK__TOKEN", SINK_TOKEN.to_string()),
         ("GATEWAY_SINK__MAX_ATTEMPTS", "1".to_string()),
@@ -115,9 +147,22 @@ async fn known_secrets_appear_nowhere_and_the_admin_token_guards_metrics() {
         payload: serde_json::to_vec(&serde_json::json!({"fields": {"v": 1}})).expect("json"),
         content_type: None,
     };
-    e2e::publish_v4(gw.mqtt_port, "d1", vec![msg])
-        .await
-        .expect("published");
+    e2e::publish_v4_as(
+        gw.mqtt_port,
+        "d1",
+        &e2e::Login::password("d1", WRONG_PASSWORD),
+        vec![msg.clone()],
+    )
+    .await
+    .expect_err("wrong password refused");
+    e2e::publish_v4_as(
+        gw.mqtt_port,
+        "d1",
+        &e2e::Login::password("d1", DEVICE_PASSWORD),
+        vec![msg],
+    )
+    .await
+    .expect("published");
     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
 
     let http = e2e::http();
@@ -165,7 +210,13 @@ async fn known_secrets_appear_nowhere_and_the_admin_token_guards_metrics() {
     assert!(out.status.success(), "{check_config}");
 
     let logs = gw.logs();
-    for secret in [SINK_TOKEN, MQTT_PASSWORD, ADMIN_TOKEN] {
+    for secret in [
+        SINK_TOKEN,
+        MQTT_PASSWORD,
+        ADMIN_TOKEN,
+        DEVICE_PASSWORD,
+        WRONG_PASSWORD,
+    ] {
         assert!(!logs.contains(secret), "{secret} in the logs");
         assert!(!metrics.contains(secret), "{secret} in /metrics");
         assert!(!check_config.contains(secret), "{secret} in check-config");

@@ -73,6 +73,19 @@ impl TopicPattern {
             .join("/")
     }
 
+    /// Whether every topic that `filter` can match belongs to `device`: its {device} level is
+    /// that device's name, with no `#` before it. `$` topics (shared subscriptions, broker
+    /// internals) never are.
+    pub fn filter_within(&self, filter: &str, device: &str) -> bool {
+        let Some(index) = self.segments.iter().position(|s| *s == Segment::Device) else {
+            return false;
+        };
+        let levels: Vec<&str> = filter.split('/').collect();
+        !filter.starts_with('$')
+            && levels.get(index) == Some(&device)
+            && !levels[..index].contains(&"#")
+    }
+
     /// Splits `topic` into `(device, measurement)`, or says why it does not fit.
     pub fn match_topic<'t>(&self, topic: &'t str) -> Result<(&'t str, &'t str), DecodeError> {
         let mut device = "";

@@ -8,6 +8,7 @@
 //! a jump in it is the exact number lost.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use rumqttd::local::{LinkRx, LinkTx};
@@ -15,7 +16,7 @@ use rumqttd::{Broker, ConnectionSettings, Notification, RouterConfig, ServerSett
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use super::{IngestError, Intake};
+use super::{guard, IngestError, Intake};
 use crate::config::Config;
 use crate::metrics::Metrics;
 
@@ -29,22 +30,60 @@ pub struct Embedded {
     alerts: rumqttd::alerts::AlertsLink,
 }
 
-/// Builds the broker, links the gateway to it, and starts it on its own threads.
-pub fn start(config: &Config) -> Result<Embedded, IngestError> {
+/// Where rumqttd listens and what login it requires.
+struct Listen {
+    v4: SocketAddr,
+    v5: SocketAddr,
+    login: Option<(String, String)>,
+}
+
+/// Builds the broker, links the gateway to it, and starts it on its own threads. With the
+/// guard (TLS, authentication or connection limits), devices connect to the guard and rumqttd
+/// listens on loopback ports behind it; the guard runs until `stop`.
+pub async fn start(
+    config: &Config,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) -> Result<Embedded, IngestError> {
     let mqtt = &config.mqtt;
-    for (key, addr) in [
-        ("mqtt.listen", mqtt.listen),
-        ("mqtt.listen_v5", mqtt.listen_v5),
-    ] {
-        // rumqttd binds inside its own threads and only logs a failure: check first so a taken
-        // port is an error the operator sees.
-        std::net::TcpListener::bind(addr).map_err(|source| IngestError::Bind {
-            key,
-            addr,
-            source,
-        })?;
-    }
-    let broker_config = broker_config(config)?;
+    let listen = if guard::wanted(config) {
+        let listeners = guard::bind(config).await?;
+        let upstream = (free_loopback_port()?, free_loopback_port()?);
+        let login = guard::internal_login();
+        let g = Arc::new(guard::Guard::new(config, upstream, login.clone(), metrics)?);
+        tokio::spawn(g.run(listeners, config.auth.reload_interval, stop));
+        info!(
+            anonymous = config.auth.anonymous,
+            tls = ?mqtt.tls_listen,
+            bind_identity = config.auth.bind_identity,
+            "device guard in front of the embedded broker"
+        );
+        Listen {
+            v4: upstream.0,
+            v5: upstream.1,
+            login: Some(login),
+        }
+    } else {
+        for (key, addr) in [
+            ("mqtt.listen", mqtt.listen),
+            ("mqtt.listen_v5", mqtt.listen_v5),
+        ] {
+            // rumqttd binds inside its own threads and only logs a failure: check first so a
+            // taken port is an error the operator sees.
+            std::net::TcpListener::bind(addr).map_err(|source| IngestError::Bind {
+                key,
+                addr,
+                source,
+            })?;
+        }
+        warn!("auth.anonymous = true: any device that reaches the MQTT ports may publish");
+        Listen {
+            v4: mqtt.listen,
+            v5: mqtt.listen_v5,
+            login: None,
+        }
+    };
+    let broker_config = broker_config(config, &listen)?;
     let broker = Broker::new(broker_config);
     let (mut tx, rx) = broker
         .link(&mqtt.client_id)
@@ -71,14 +110,29 @@ pub fn start(config: &Config) -> Result<Embedded, IngestError> {
     })
 }
 
-fn broker_config(config: &Config) -> Result<rumqttd::Config, IngestError> {
+/// A loopback port nobody listens on now. rumqttd binds inside its own threads, so the port
+/// is chosen here and handed over; another process taking it in between fails the start-up.
+fn free_loopback_port() -> Result<SocketAddr, IngestError> {
+    let addr: SocketAddr = ([127, 0, 0, 1], 0).into();
+    std::net::TcpListener::bind(addr)
+        .and_then(|l| l.local_addr())
+        .map_err(|source| IngestError::Bind {
+            key: "the guard's loopback port",
+            addr,
+            source,
+        })
+}
+
+fn broker_config(config: &Config, listen: &Listen) -> Result<rumqttd::Config, IngestError> {
     let mqtt = &config.mqtt;
-    let payload_limit = (config.decode.max_payload_bytes.as_u64() as usize).saturating_mul(2);
     let connections = ConnectionSettings {
         connection_timeout_ms: 10_000,
-        max_payload_size: payload_limit,
+        max_payload_size: guard::broker_payload_limit(config),
         max_inflight_count: 100,
-        auth: None,
+        auth: listen
+            .login
+            .clone()
+            .map(|(user, password)| HashMap::from([(user, password)])),
         external_auth: None,
         dynamic_filters: true,
     };
@@ -113,14 +167,8 @@ fn broker_config(config: &Config) -> Result<rumqttd::Config, IngestError> {
     Ok(rumqttd::Config {
         id: 0,
         router,
-        v4: Some(HashMap::from([(
-            "v4".to_owned(),
-            server("v4", mqtt.listen),
-        )])),
-        v5: Some(HashMap::from([(
-            "v5".to_owned(),
-            server("v5", mqtt.listen_v5),
-        )])),
+        v4: Some(HashMap::from([("v4".to_owned(), server("v4", listen.v4))])),
+        v5: Some(HashMap::from([("v5".to_owned(), server("v5", listen.v5))])),
         ws: None,
         cluster: None,
         console: None,

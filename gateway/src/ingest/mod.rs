@@ -5,6 +5,7 @@
 
 pub mod embedded;
 pub mod external;
+pub mod guard;
 pub mod limit;
 pub mod rejects;
 pub mod tls;
@@ -31,8 +32,11 @@ pub enum IngestError {
     #[error("embedded broker: {0}")]
     Broker(String),
     /// The TLS settings cannot be used: the message names the key.
-    #[error("TLS to the broker: {0}")]
+    #[error("TLS: {0}")]
     Tls(String),
+    /// The device credentials file cannot be used: the message names the file and line.
+    #[error("auth.credentials_file: {0}")]
+    Credentials(String),
     /// mqtt.url is not mqtt://host[:port].
     #[error("mqtt.url {0:?} must look like mqtt://host:1883")]
     Url(String),

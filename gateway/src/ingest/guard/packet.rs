@@ -1,0 +1,527 @@
+//! Just enough MQTT (3.1.1 and 5) to guard the embedded broker: framing, CONNECT, the topic of
+//! a PUBLISH, the filters of a SUBSCRIBE, and CONNACK refusals. Packets are checked where they
+//! lie in the read buffer and forwarded as the device sent them; only CONNECT is rebuilt, with
+//! the guard's own login and a client id scoped to the device's identity.
+
+/// Control packet types (MQTT 5 §2.1.2; the same numbers in 3.1.1).
+pub const CONNECT: u8 = 1;
+pub const PUBLISH: u8 = 3;
+pub const SUBSCRIBE: u8 = 8;
+
+/// Why bytes from a device are not an MQTT packet the guard can pass on.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PacketError {
+    /// The device sent a packet larger than the broker takes: close the connection.
+    #[error("packet of {size} bytes is larger than the limit of {limit} bytes")]
+    TooLarge { size: usize, limit: usize },
+    /// Not MQTT, or not MQTT as the standard spells it: close the connection.
+    #[error("malformed packet: {0}")]
+    Malformed(&'static str),
+}
+
+/// Where one complete packet lies at the front of a buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Frame {
+    pub kind: u8,
+    pub flags: u8,
+    /// Bytes of the fixed header (type byte and remaining length).
+    pub header: usize,
+    /// Bytes of the whole packet.
+    pub len: usize,
+}
+
+/// The packet at the front of `buf`, `None` while it is incomplete. `limit` bounds the whole
+/// packet so that a device cannot make the guard buffer without end.
+pub fn frame(buf: &[u8], limit: usize) -> Result<Option<Frame>, PacketError> {
+    let Some(&first) = buf.first() else {
+        return Ok(None);
+    };
+    let mut remaining = 0usize;
+    for i in 0..4 {
+        let Some(&b) = buf.get(1 + i) else {
+            return Ok(None);
+        };
+        remaining |= usize::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            let header = 2 + i;
+            let len = header + remaining;
+            if len > limit {
+                return Err(PacketError::TooLarge { size: len, limit });
+            }
+            return Ok(Some(Frame {
+                kind: first >> 4,
+                flags: first & 0x0f,
+                header,
+                len,
+            }));
+        }
+    }
+    Err(PacketError::Malformed(
+        "remaining length longer than four bytes",
+    ))
+}
+
+/// A reader over a packet's body; every read checks its bounds.
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn new(buf: &'a [u8]) -> Self {
+        Self { buf, pos: 0 }
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], PacketError> {
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&end| end <= self.buf.len())
+            .ok_or(PacketError::Malformed(
+                "field runs past the end of the packet",
+            ))?;
+        let out = &self.buf[self.pos..end];
+        self.pos = end;
+        Ok(out)
+    }
+
+    fn u8(&mut self) -> Result<u8, PacketError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, PacketError> {
+        let b = self.take(2)?;
+        Ok(u16::from_be_bytes([b[0], b[1]]))
+    }
+
+    fn binary(&mut self) -> Result<&'a [u8], PacketError> {
+        let n = self.u16()?;
+        self.take(usize::from(n))
+    }
+
+    fn string(&mut self) -> Result<&'a str, PacketError> {
+        std::str::from_utf8(self.binary()?)
+            .map_err(|_| PacketError::Malformed("string is not UTF-8"))
+    }
+
+    fn varint(&mut self) -> Result<usize, PacketError> {
+        let mut value = 0usize;
+        for i in 0..4 {
+            let b = self.u8()?;
+            value |= usize::from(b & 0x7f) << (7 * i);
+            if b & 0x80 == 0 {
+                return Ok(value);
+            }
+        }
+        Err(PacketError::Malformed(
+            "variable byte integer longer than four bytes",
+        ))
+    }
+
+    /// An MQTT 5 property block, length prefix included.
+    fn properties(&mut self) -> Result<&'a [u8], PacketError> {
+        let start = self.pos;
+        let n = self.varint()?;
+        self.take(n)?;
+        Ok(&self.buf[start..self.pos])
+    }
+
+    fn is_empty(&self) -> bool {
+        self.pos == self.buf.len()
+    }
+}
+
+/// A CONNECT packet, borrowed from the read buffer.
+#[derive(Debug)]
+pub struct Connect<'a> {
+    /// 4 for MQTT 3.1.1, 5 for MQTT 5.
+    pub level: u8,
+    pub client_id: &'a str,
+    pub username: Option<&'a str>,
+    pub password: Option<&'a [u8]>,
+    pub will_topic: Option<&'a str>,
+    protocol_name: &'a [u8],
+    flags: u8,
+    keep_alive: u16,
+    properties: &'a [u8],
+    will: &'a [u8],
+}
+
+const USERNAME_FLAG: u8 = 0x80;
+const PASSWORD_FLAG: u8 = 0x40;
+const WILL_FLAG: u8 = 0x04;
+
+impl<'a> Connect<'a> {
+    /// Parses the CONNECT packet `packet` (fixed header included) framed as `frame`.
+    pub fn parse(packet: &'a [u8], frame: Frame) -> Result<Self, PacketError> {
+        if frame.kind != CONNECT || frame.flags != 0 {
+            return Err(PacketError::Malformed("the first packet must be CONNECT"));
+        }
+        let mut r = Reader::new(&packet[frame.header..frame.len]);
+        let name_start = r.pos;
+        let name = r.binary()?;
+        let protocol_name = &r.buf[name_start..r.pos];
+        let level = r.u8()?;
+        if name != b"MQTT" || !(level == 4 || level == 5) {
+            return Err(PacketError::Malformed(
+                "protocol must be MQTT 3.1.1 or MQTT 5",
+            ));
+        }
+        let flags = r.u8()?;
+        if flags & 0x01 != 0 {
+            return Err(PacketError::Malformed("reserved CONNECT flag is set"));
+        }
+        let keep_alive = r.u16()?;
+        let properties = if level == 5 { r.properties()? } else { &[] };
+        let client_id = r.string()?;
+        let will_start = r.pos;
+        let will_topic = if flags & WILL_FLAG != 0 {
+            if level == 5 {
+                r.properties()?;
+            }
+            let topic = r.string()?;
+            r.binary()?;
+            Some(topic)
+        } else {
+            None
+        };
+        let will = &r.buf[will_start..r.pos];
+        let username = if flags & USERNAME_FLAG != 0 {
+            Some(r.string()?)
+        } else {
+            None
+        };
+        let password = if flags & PASSWORD_FLAG != 0 {
+            Some(r.binary()?)
+        } else {
+            None
+        };
+        if !r.is_empty() {
+            return Err(PacketError::Malformed("bytes after the CONNECT payload"));
+        }
+        Ok(Self {
+            level,
+            client_id,
+            username,
+            password,
+            will_topic,
+            protocol_name,
+            flags,
+            keep_alive,
+            properties,
+            will,
+        })
+    }
+
+    /// The same CONNECT with another client id and login: what the guard sends the broker.
+    pub fn rebuild(&self, client_id: &str, username: &str, password: &[u8]) -> Vec<u8> {
+        let mut body = Vec::with_capacity(
+            self.protocol_name.len()
+                + 4
+                + self.properties.len()
+                + self.will.len()
+                + 6
+                + client_id.len()
+                + username.len()
+                + password.len(),
+        );
+        body.extend_from_slice(self.protocol_name);
+        body.push(self.level);
+        body.push(self.flags | USERNAME_FLAG | PASSWORD_FLAG);
+        body.extend_from_slice(&self.keep_alive.to_be_bytes());
+        body.extend_from_slice(self.properties);
+        put_binary(&mut body, client_id.as_bytes());
+        body.extend_from_slice(self.will);
+        put_binary(&mut body, username.as_bytes());
+        put_binary(&mut body, password);
+        let mut packet = Vec::with_capacity(body.len() + 5);
+        packet.push(CONNECT << 4);
+        put_varint(&mut packet, body.len());
+        packet.extend_from_slice(&body);
+        packet
+    }
+}
+
+/// Strings in a rebuilt CONNECT come from a parsed one (each ≤ 65,535 bytes) or from the guard.
+fn put_binary(out: &mut Vec<u8>, bytes: &[u8]) {
+    let len = u16::try_from(bytes.len()).unwrap_or(u16::MAX);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&bytes[..usize::from(len)]);
+}
+
+fn put_varint(out: &mut Vec<u8>, mut n: usize) {
+    loop {
+        let mut b = (n % 128) as u8;
+        n /= 128;
+        if n > 0 {
+            b |= 0x80;
+        }
+        out.push(b);
+        if n == 0 {
+            return;
+        }
+    }
+}
+
+/// The topic of a PUBLISH: a name, or (MQTT 5) an alias that stands for one.
+#[derive(Debug, PartialEq, Eq)]
+pub struct PublishTopic<'a> {
+    pub name: &'a str,
+    pub alias: Option<u16>,
+}
+
+const TOPIC_ALIAS: u8 = 0x23;
+
+/// Reads the topic of the PUBLISH `packet` (fixed header included).
+pub fn publish_topic(
+    packet: &[u8],
+    frame: Frame,
+    v5: bool,
+) -> Result<PublishTopic<'_>, PacketError> {
+    let mut r = Reader::new(&packet[frame.header..frame.len]);
+    let name = r.string()?;
+    let qos = (frame.flags >> 1) & 0x03;
+    if qos == 3 {
+        return Err(PacketError::Malformed("PUBLISH with QoS 3"));
+    }
+    if qos > 0 {
+        r.u16()?;
+    }
+    let mut alias = None;
+    if v5 {
+        let block = r.properties()?;
+        let mut p = Reader::new(block);
+        p.varint()?;
+        while !p.is_empty() {
+            let id = p.u8()?;
+            if id == TOPIC_ALIAS {
+                alias = Some(p.u16()?);
+            } else {
+                skip_property(&mut p, id)?;
+            }
+        }
+    }
+    Ok(PublishTopic { name, alias })
+}
+
+/// Skips the value of MQTT 5 property `id` (§2.2.2.2).
+fn skip_property(r: &mut Reader<'_>, id: u8) -> Result<(), PacketError> {
+    match id {
+        0x01 | 0x17 | 0x19 | 0x24 | 0x25 | 0x28 | 0x29 | 0x2A => {
+            r.u8()?;
+        }
+        0x13 | 0x21 | 0x22 | 0x23 => {
+            r.u16()?;
+        }
+        0x02 | 0x11 | 0x18 | 0x27 => {
+            r.take(4)?;
+        }
+        0x0B => {
+            r.varint()?;
+        }
+        0x03 | 0x08 | 0x09 | 0x12 | 0x15 | 0x16 | 0x1A | 0x1C | 0x1F => {
+            r.binary()?;
+        }
+        0x26 => {
+            r.binary()?;
+            r.binary()?;
+        }
+        _ => return Err(PacketError::Malformed("unknown MQTT 5 property")),
+    }
+    Ok(())
+}
+
+/// The topic filters of the SUBSCRIBE `packet` (fixed header included).
+pub fn subscribe_filters(packet: &[u8], frame: Frame, v5: bool) -> Result<Vec<&str>, PacketError> {
+    let mut r = Reader::new(&packet[frame.header..frame.len]);
+    r.u16()?;
+    if v5 {
+        r.properties()?;
+    }
+    let mut filters = Vec::new();
+    while !r.is_empty() {
+        filters.push(r.string()?);
+        r.u8()?;
+    }
+    if filters.is_empty() {
+        return Err(PacketError::Malformed("SUBSCRIBE without a topic filter"));
+    }
+    Ok(filters)
+}
+
+/// Why a CONNECT is refused, in the words both protocol versions have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    BadCredentials,
+    NotAuthorized,
+}
+
+/// The CONNACK that refuses a connection, in the device's protocol version.
+pub fn connack_refusal(level: u8, refusal: Refusal) -> Vec<u8> {
+    let (v4, v5) = match refusal {
+        Refusal::BadCredentials => (4, 0x86),
+        Refusal::NotAuthorized => (5, 0x87),
+    };
+    if level == 5 {
+        // Session present 0, reason code, no properties.
+        vec![0x20, 3, 0, v5, 0]
+    } else {
+        vec![0x20, 2, 0, v4]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connect_packet(level: u8, will: Option<&str>, login: Option<(&str, &[u8])>) -> Vec<u8> {
+        let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', level];
+        let mut flags = 0x02;
+        if will.is_some() {
+            flags |= WILL_FLAG;
+        }
+        if login.is_some() {
+            flags |= USERNAME_FLAG | PASSWORD_FLAG;
+        }
+        body.push(flags);
+        body.extend_from_slice(&30u16.to_be_bytes());
+        if level == 5 {
+            // Session expiry interval property.
+            body.extend_from_slice(&[5, 0x11, 0, 0, 0, 60]);
+        }
+        put_binary(&mut body, b"dev-1");
+        if let Some(topic) = will {
+            if level == 5 {
+                body.push(0);
+            }
+            put_binary(&mut body, topic.as_bytes());
+            put_binary(&mut body, b"bye");
+        }
+        if let Some((user, pass)) = login {
+            put_binary(&mut body, user.as_bytes());
+            put_binary(&mut body, pass);
+        }
+        let mut packet = vec![CONNECT << 4];
+        put_varint(&mut packet, body.len());
+        packet.extend_from_slice(&body);
+        packet
+    }
+
+    fn parse(packet: &[u8]) -> Connect<'_> {
+        let f = frame(packet, 1 << 20).expect("test").expect("test");
+        assert_eq!(f.len, packet.len());
+        Connect::parse(packet, f).expect("test")
+    }
+
+    #[test]
+    fn connect_fields_in_both_versions() {
+        for level in [4, 5] {
+            let p = connect_packet(
+                level,
+                Some("telemetry/dev-1/status"),
+                Some(("dev-1", b"pw")),
+            );
+            let c = parse(&p);
+            assert_eq!(c.level, level);
+            assert_eq!(c.client_id, "dev-1");
+            assert_eq!(c.username, Some("dev-1"));
+            assert_eq!(c.password, Some(&b"pw"[..]));
+            assert_eq!(c.will_topic, Some("telemetry/dev-1/status"));
+        }
+    }
+
+    #[test]
+    fn rebuilt_connect_keeps_everything_but_the_login() {
+        for level in [4, 5] {
+            let p = connect_packet(level, Some("telemetry/dev-1/status"), None);
+            let rebuilt = parse(&p).rebuild("dev-1:dev-1", "guard", b"secret");
+            let c = parse(&rebuilt);
+            assert_eq!(c.level, level);
+            assert_eq!(c.client_id, "dev-1:dev-1");
+            assert_eq!(c.username, Some("guard"));
+            assert_eq!(c.password, Some(&b"secret"[..]));
+            assert_eq!(c.will_topic, Some("telemetry/dev-1/status"));
+            assert_eq!(c.keep_alive, 30);
+            assert_eq!(c.properties, parse(&p).properties);
+        }
+    }
+
+    #[test]
+    fn every_truncation_of_a_connect_is_an_error_not_a_panic() {
+        let p = connect_packet(5, Some("t/x/y"), Some(("u", b"p")));
+        let f = frame(&p, 1 << 20).expect("test").expect("test");
+        for cut in f.header..p.len() {
+            let mut short = p[..cut].to_vec();
+            // Pretend the packet ends here: the body is shorter than its fields say.
+            short[1] = (cut - 2) as u8;
+            let g = frame(&short, 1 << 20).expect("test").expect("test");
+            assert!(Connect::parse(&short, g).is_err(), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn framing_waits_for_whole_packets_and_bounds_them() {
+        assert_eq!(frame(&[], 100), Ok(None));
+        assert_eq!(frame(&[0x30], 100), Ok(None));
+        assert_eq!(frame(&[0x30, 0x80], 100), Ok(None));
+        let f = frame(&[0x32, 0x80, 0x01], 1000)
+            .expect("test")
+            .expect("test");
+        assert_eq!((f.kind, f.flags, f.header, f.len), (3, 2, 3, 131));
+        assert_eq!(
+            frame(&[0x30, 0x80, 0x01], 100),
+            Err(PacketError::TooLarge {
+                size: 131,
+                limit: 100
+            })
+        );
+        assert!(frame(&[0x30, 0xff, 0xff, 0xff, 0xff], usize::MAX).is_err());
+    }
+
+    #[test]
+    fn publish_topic_and_alias() {
+        // QoS 1, topic "a/b", packet id 7, properties: content type "x", topic alias 3.
+        let mut body = Vec::new();
+        put_binary(&mut body, b"a/b");
+        body.extend_from_slice(&7u16.to_be_bytes());
+        body.extend_from_slice(&[7, 0x03, 0, 1, b'x', 0x23, 0, 3]);
+        body.extend_from_slice(b"payload");
+        let mut p = vec![0x32];
+        put_varint(&mut p, body.len());
+        p.extend_from_slice(&body);
+        let f = frame(&p, 1000).expect("test").expect("test");
+        assert_eq!(
+            publish_topic(&p, f, true),
+            Ok(PublishTopic {
+                name: "a/b",
+                alias: Some(3)
+            })
+        );
+        // The same bytes read as 3.1.1: no properties, the rest is payload.
+        assert_eq!(publish_topic(&p, f, false).expect("test").alias, None);
+    }
+
+    #[test]
+    fn subscribe_filters_are_listed() {
+        let mut body = 9u16.to_be_bytes().to_vec();
+        body.push(0);
+        put_binary(&mut body, b"a/+");
+        body.push(1);
+        put_binary(&mut body, b"#");
+        body.push(0);
+        let mut p = vec![0x82];
+        put_varint(&mut p, body.len());
+        p.extend_from_slice(&body);
+        let f = frame(&p, 1000).expect("test").expect("test");
+        assert_eq!(subscribe_filters(&p, f, true), Ok(vec!["a/+", "#"]));
+    }
+
+    #[test]
+    fn refusals_in_both_versions() {
+        assert_eq!(connack_refusal(4, Refusal::BadCredentials), [0x20, 2, 0, 4]);
+        assert_eq!(
+            connack_refusal(5, Refusal::NotAuthorized),
+            [0x20, 3, 0, 0x87, 0]
+        );
+    }
+}
