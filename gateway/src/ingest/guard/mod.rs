@@ -43,7 +43,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const DISCONNECT_GRACE: Duration = Duration::from_secs(5);
 /// After a violation, how long the broker may take to acknowledge what came before it.
 const VIOLATION_GRACE: Duration = Duration::from_millis(500);
-const READ_BUFFER: usize = 64 * 1024;
+/// A device's read buffer starts small (thousands of idle devices each hold one) and grows to
+/// the largest packet it has to hold.
+const READ_BUFFER: usize = 4 * 1024;
 
 /// What the guard enforces, built from the configuration.
 pub struct Guard {
@@ -487,8 +489,8 @@ impl Session<'_> {
             if let Some(outcome) = verdict {
                 return outcome;
             }
-            if buf.capacity() - buf.len() < 4096 {
-                buf.reserve(READ_BUFFER);
+            if buf.capacity() - buf.len() < READ_BUFFER / 4 {
+                buf.reserve(buf.capacity().max(READ_BUFFER));
             }
             match device.read_buf(&mut buf).await {
                 Ok(0) | Err(_) => return Outcome::Closed,
@@ -607,5 +609,81 @@ impl LogBudget {
             self.used.store(0, Ordering::Relaxed);
         }
         self.used.fetch_add(1, Ordering::Relaxed) < LOG_PER_SEC
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn publish(topic: &str, payload_len: usize) -> Vec<u8> {
+        let mut body = (topic.len() as u16).to_be_bytes().to_vec();
+        body.extend_from_slice(topic.as_bytes());
+        body.extend_from_slice(&1u16.to_be_bytes());
+        body.extend(std::iter::repeat_n(b'x', payload_len));
+        let mut p = vec![0x32];
+        let mut n = body.len();
+        loop {
+            let b = (n % 128) as u8;
+            n /= 128;
+            p.push(if n > 0 { b | 0x80 } else { b });
+            if n == 0 {
+                break;
+            }
+        }
+        p.extend_from_slice(&body);
+        p
+    }
+
+    /// Feeds `stream` to a session `step` bytes at a time, as reads would deliver it; returns
+    /// the bytes forwarded and what ended it.
+    fn feed(stream: &[u8], step: usize) -> (usize, Option<&'static str>) {
+        let config = Config::from_toml("[auth]\nanonymous = true\n").expect("config");
+        let addr: SocketAddr = ([127, 0, 0, 1], 1).into();
+        let guard = Guard::new(
+            &config,
+            (addr, addr),
+            ("u".into(), "p".into()),
+            Arc::new(Metrics::new()),
+        )
+        .expect("guard");
+        let mut session = Session {
+            guard: &guard,
+            identity: Some("dev-a"),
+            v5: false,
+            aliases: HashMap::new(),
+        };
+        let (mut buf, mut forwarded) = (Vec::new(), 0);
+        for chunk in stream.chunks(step) {
+            buf.extend_from_slice(chunk);
+            let (ok, verdict) = session.check(&buf);
+            forwarded += ok;
+            buf.drain(..ok);
+            match verdict {
+                Some(Outcome::Violation(reason, _)) => return (forwarded, Some(reason)),
+                Some(_) => return (forwarded, Some("other")),
+                None => {}
+            }
+        }
+        (forwarded, None)
+    }
+
+    #[test]
+    fn packets_split_anywhere_pass_whole_and_a_foreign_topic_stops_the_stream() {
+        let mut stream = publish("telemetry/dev-a/env", 10);
+        stream.extend(publish("telemetry/dev-a/env", 300));
+        stream.extend(publish("not/the/pattern/at/all", 5));
+        let allowed = stream.len();
+        stream.extend(publish("telemetry/dev-b/env", 20));
+        stream.extend(publish("telemetry/dev-a/env", 20));
+        for step in [1, 2, 3, 7, 64, 333, stream.len()] {
+            assert_eq!(
+                feed(&stream, step),
+                (allowed, Some("identity_mismatch")),
+                "reads of {step} bytes"
+            );
+        }
+        let own = publish("telemetry/dev-a/env", 1000);
+        assert_eq!(feed(&own, 5), (own.len(), None));
     }
 }

@@ -30,7 +30,7 @@ pub struct Frame {
     pub len: usize,
 }
 
-/// The packet at the front of `buf`, `None` while it is incomplete. `limit` bounds the whole
+/// The packet at the front of `buf`, `None` until all of it is there. `limit` bounds the whole
 /// packet so that a device cannot make the guard buffer without end.
 pub fn frame(buf: &[u8], limit: usize) -> Result<Option<Frame>, PacketError> {
     let Some(&first) = buf.first() else {
@@ -45,8 +45,12 @@ pub fn frame(buf: &[u8], limit: usize) -> Result<Option<Frame>, PacketError> {
         if b & 0x80 == 0 {
             let header = 2 + i;
             let len = header + remaining;
+            // Refused as soon as the header says so, before the guard buffers any of it.
             if len > limit {
                 return Err(PacketError::TooLarge { size: len, limit });
+            }
+            if buf.len() < len {
+                return Ok(None);
             }
             return Ok(Some(Frame {
                 kind: first >> 4,
@@ -464,9 +468,13 @@ mod tests {
         assert_eq!(frame(&[], 100), Ok(None));
         assert_eq!(frame(&[0x30], 100), Ok(None));
         assert_eq!(frame(&[0x30, 0x80], 100), Ok(None));
-        let f = frame(&[0x32, 0x80, 0x01], 1000)
-            .expect("test")
-            .expect("test");
+        let mut p = vec![0x32, 0x80, 0x01];
+        assert_eq!(frame(&p, 1000), Ok(None), "header only");
+        p.resize(130, 0);
+        assert_eq!(frame(&p, 1000), Ok(None), "one byte short");
+        p.push(0);
+        p.push(0x30);
+        let f = frame(&p, 1000).expect("test").expect("test");
         assert_eq!((f.kind, f.flags, f.header, f.len), (3, 2, 3, 131));
         assert_eq!(
             frame(&[0x30, 0x80, 0x01], 100),
