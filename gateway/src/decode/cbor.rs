@@ -1,43 +1,148 @@
-//! CBOR (RFC 8949) payloads, walked with ciborium's low-level decoder.
+//! CBOR (RFC 8949) payloads, walked header by header.
 //!
 //! Walking headers instead of building a `ciborium::Value` tree lets text go straight into the
 //! reading's arena (no allocation per key or value) and lets us see CBOR tags 0 and 1 on `ts`,
-//! which serde's data model hides.
+//! which serde's data model hides. The headers are read by [`Reader`], straight from the
+//! payload slice: ciborium_ll's decoder reads each header through a `Read` of one to nine
+//! bytes and a `Title`, which was a quarter of the decode time.
 
-use ciborium_ll::{simple, Decoder, Header};
+use ciborium_ll::{simple, Header};
 
 use super::{
     settle, DecodeError, Number, Outcome, RawTs, ReadingBuilder, Span, Target, Val, MAX_DEPTH,
 };
 
-type Dec<'p> = Decoder<Slice<'p>>;
+/// CBOR headers and definite-length strings, read in place from the payload.
+struct Reader<'p> {
+    buf: &'p [u8],
+    pos: usize,
+    /// A header given back with [`Reader::push`], returned by the next pull.
+    pushed: Option<Header>,
+}
 
-/// The payload as ciborium's reader. Reading `&[u8]` through `std::io::Read` builds an
-/// `io::Error` for every short read; this reader's error is a unit, and the hot path is a
-/// bounds check and a copy.
-struct Slice<'p>(&'p [u8]);
+fn truncated() -> DecodeError {
+    DecodeError::Truncated("CBOR item cut short".into())
+}
 
-#[derive(Debug)]
-struct EndOfPayload;
+impl<'p> Reader<'p> {
+    fn new(buf: &'p [u8]) -> Self {
+        Self {
+            buf,
+            pos: 0,
+            pushed: None,
+        }
+    }
 
-impl ciborium_io::Read for Slice<'_> {
-    type Error = EndOfPayload;
+    fn offset(&self) -> usize {
+        self.pos
+    }
+
+    fn push(&mut self, header: Header) {
+        self.pushed = Some(header);
+    }
 
     #[inline]
-    fn read_exact(&mut self, data: &mut [u8]) -> Result<(), EndOfPayload> {
-        if data.len() > self.0.len() {
-            return Err(EndOfPayload);
+    fn take(&mut self, n: usize) -> Result<&'p [u8], DecodeError> {
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&end| end <= self.buf.len())
+            .ok_or_else(truncated)?;
+        let out = &self.buf[self.pos..end];
+        self.pos = end;
+        Ok(out)
+    }
+
+    #[inline]
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.take(N)?);
+        Ok(out)
+    }
+
+    #[inline]
+    fn pull(&mut self) -> Result<Header, DecodeError> {
+        if let Some(header) = self.pushed.take() {
+            return Ok(header);
         }
-        let (head, tail) = self.0.split_at(data.len());
-        data.copy_from_slice(head);
-        self.0 = tail;
-        Ok(())
+        let at = self.pos;
+        let initial = self.take(1)?[0];
+        let (major, info) = (initial >> 5, initial & 0x1f);
+        let argument = match info {
+            0..=23 => Some(u64::from(info)),
+            24 => Some(u64::from(self.take(1)?[0])),
+            25 => Some(u64::from(u16::from_be_bytes(self.array()?))),
+            26 => Some(u64::from(u32::from_be_bytes(self.array()?))),
+            27 => Some(u64::from_be_bytes(self.array()?)),
+            31 => None,
+            _ => return Err(invalid(at)),
+        };
+        // A length beyond the address space cannot be in the payload: it reads as cut short.
+        let len = |n: Option<u64>| n.map(|n| usize::try_from(n).unwrap_or(usize::MAX));
+        Ok(match (major, argument) {
+            (0, Some(v)) => Header::Positive(v),
+            (1, Some(v)) => Header::Negative(v),
+            (2, n) => Header::Bytes(len(n)),
+            (3, n) => Header::Text(len(n)),
+            (4, n) => Header::Array(len(n)),
+            (5, n) => Header::Map(len(n)),
+            (6, Some(t)) => Header::Tag(t),
+            (7, _) => match info {
+                0..=23 => Header::Simple(info),
+                24 => match argument {
+                    Some(v) if v >= 32 => Header::Simple(v as u8),
+                    _ => return Err(invalid(at)),
+                },
+                25 => Header::Float(f16_to_f64(argument.unwrap_or(0) as u16)),
+                26 => Header::Float(f64::from(f32::from_bits(argument.unwrap_or(0) as u32))),
+                27 => Header::Float(f64::from_bits(argument.unwrap_or(0))),
+                _ => Header::Break,
+            },
+            // Integers and tags have no indefinite form.
+            _ => return Err(invalid(at)),
+        })
+    }
+
+    /// The chunks of a byte or text string whose header was just pulled (major type `major`):
+    /// one for a definite length, the definite chunks up to the break otherwise.
+    fn chunks(
+        &mut self,
+        len: Option<usize>,
+        text: bool,
+        mut each: impl FnMut(&'p [u8]) -> Result<(), DecodeError>,
+    ) -> Result<(), DecodeError> {
+        if let Some(n) = len {
+            return each(self.take(n)?);
+        }
+        loop {
+            let at = self.pos;
+            match (self.pull()?, text) {
+                (Header::Break, _) => return Ok(()),
+                (Header::Text(Some(n)), true) | (Header::Bytes(Some(n)), false) => {
+                    each(self.take(n)?)?
+                }
+                _ => return Err(invalid(at)),
+            }
+        }
     }
 }
 
-/// Text up to this long is read in one copy through the stack; longer text streams through
-/// ciborium's segments in chunks of this size.
-const CHUNK: usize = 256;
+fn invalid(at: usize) -> DecodeError {
+    DecodeError::MalformedCbor(format!("invalid item at byte {at}"))
+}
+
+/// IEEE 754 half precision, widened.
+fn f16_to_f64(h: u16) -> f64 {
+    let sign = if h & 0x8000 == 0 { 1.0 } else { -1.0 };
+    let exponent = i32::from((h >> 10) & 0x1f);
+    let mantissa = f64::from(h & 0x3ff);
+    match exponent {
+        0 => sign * mantissa * 2f64.powi(-24),
+        31 if mantissa == 0.0 => sign * f64::INFINITY,
+        31 => f64::NAN,
+        e => sign * (1.0 + mantissa / 1024.0) * 2f64.powi(e - 15),
+    }
+}
 
 pub(crate) fn decode(
     payload: &[u8],
@@ -46,10 +151,9 @@ pub(crate) fn decode(
     out: &mut Vec<u8>,
     outcome: &mut Outcome,
 ) -> Result<(), DecodeError> {
-    let mut dec = Decoder::from(Slice(payload));
+    let mut dec = Reader::new(payload);
     let mut w = Walker {
         dec: &mut dec,
-        buf: [0; CHUNK],
         builder,
         target,
     };
@@ -100,15 +204,14 @@ pub(crate) fn decode(
 }
 
 struct Walker<'d, 'p, 'b, 't, 'l> {
-    dec: &'d mut Dec<'p>,
-    buf: [u8; CHUNK],
+    dec: &'d mut Reader<'p>,
     builder: &'b mut ReadingBuilder,
     target: &'t Target<'l>,
 }
 
 impl Walker<'_, '_, '_, '_, '_> {
     fn pull(&mut self) -> Result<Header, DecodeError> {
-        self.dec.pull().map_err(ll_error)
+        self.dec.pull()
     }
 
     /// Advances a map or array counter; `None` counts an indefinite-length item up to its break.
@@ -136,19 +239,16 @@ impl Walker<'_, '_, '_, '_, '_> {
         while self.next_entry(&mut remaining)? {
             let key = match self.pull()? {
                 // The three keys of a reading are short: compare them in place.
-                Header::Text(Some(n)) if n <= 8 => {
-                    self.read_exact(n)?;
-                    match &self.buf[..n] {
-                        b"fields" => Some(Part::Fields),
-                        b"tags" => Some(Part::Tags),
-                        b"ts" => Some(Part::Ts),
-                        other => {
-                            let other = String::from_utf8_lossy(other).into_owned();
-                            self.builder.fail(DecodeError::UnknownKey(other));
-                            None
-                        }
+                Header::Text(Some(n)) if n <= 8 => match self.dec.take(n)? {
+                    b"fields" => Some(Part::Fields),
+                    b"tags" => Some(Part::Tags),
+                    b"ts" => Some(Part::Ts),
+                    other => {
+                        let other = String::from_utf8_lossy(other).into_owned();
+                        self.builder.fail(DecodeError::UnknownKey(other));
+                        None
                     }
-                }
+                },
                 Header::Text(len) => {
                     let span = self.text(len)?;
                     let mark = span.0;
@@ -376,30 +476,16 @@ impl Walker<'_, '_, '_, '_, '_> {
         }
     }
 
-    /// Reads the next `n` raw bytes into the chunk buffer (`n <= CHUNK`).
-    fn read_exact(&mut self, n: usize) -> Result<(), DecodeError> {
-        ciborium_io::Read::read_exact(self.dec, &mut self.buf[..n])
-            .map_err(|EndOfPayload| DecodeError::Truncated("CBOR item cut short".into()))
-    }
-
     /// Reads a text item whose header was just pulled into the builder's arena.
     fn text(&mut self, len: Option<usize>) -> Result<Span, DecodeError> {
         let start = self.builder.begin_text();
-        // Definite-length text that fits the chunk buffer, by far the common case, skips
-        // ciborium's segment machinery.
-        if let Some(n) = len.filter(|n| *n <= CHUNK) {
-            self.read_exact(n)?;
-            let s = std::str::from_utf8(&self.buf[..n])
+        let builder = &mut *self.builder;
+        self.dec.chunks(len, true, |chunk| {
+            let s = std::str::from_utf8(chunk)
                 .map_err(|_| DecodeError::MalformedCbor("text is not UTF-8".into()))?;
-            self.builder.text_mut().push_str(s);
-            return Ok(self.builder.end_text(start));
-        }
-        let mut segments = self.dec.text(len);
-        while let Some(mut segment) = segments.pull().map_err(ll_error)? {
-            while let Some(chunk) = segment.pull(&mut self.buf).map_err(ll_error)? {
-                self.builder.text_mut().push_str(chunk);
-            }
-        }
+            builder.text_mut().push_str(s);
+            Ok(())
+        })?;
         Ok(self.builder.end_text(start))
     }
 
@@ -416,18 +502,13 @@ impl Walker<'_, '_, '_, '_, '_> {
         match header {
             Header::Positive(_) | Header::Negative(_) | Header::Float(_) | Header::Simple(_) => {}
             Header::Tag(_) => self.skip(depth + 1)?,
-            Header::Bytes(len) => {
-                let mut segments = self.dec.bytes(len);
-                while let Some(mut segment) = segments.pull().map_err(ll_error)? {
-                    while segment.pull(&mut self.buf).map_err(ll_error)?.is_some() {}
-                }
-            }
-            Header::Text(len) => {
-                let mut segments = self.dec.text(len);
-                while let Some(mut segment) = segments.pull().map_err(ll_error)? {
-                    while segment.pull(&mut self.buf).map_err(ll_error)?.is_some() {}
-                }
-            }
+            Header::Bytes(len) => self.dec.chunks(len, false, |_| Ok(()))?,
+            // Skipped text is still checked: a payload with broken UTF-8 is malformed.
+            Header::Text(len) => self.dec.chunks(len, true, |chunk| {
+                std::str::from_utf8(chunk)
+                    .map(|_| ())
+                    .map_err(|_| DecodeError::MalformedCbor("text is not UTF-8".into()))
+            })?,
             Header::Array(len) => {
                 let mut remaining = len;
                 while self.next_entry(&mut remaining)? {
@@ -476,13 +557,88 @@ fn kind(header: &Header) -> &'static str {
     }
 }
 
-fn ll_error(e: ciborium_ll::Error<EndOfPayload>) -> DecodeError {
-    match e {
-        ciborium_ll::Error::Io(EndOfPayload) => {
-            DecodeError::Truncated("CBOR item cut short".into())
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every header and string chunk our reader sees, as ciborium_ll's decoder sees them.
+    fn headers_ours(bytes: &[u8]) -> Result<Vec<String>, DecodeError> {
+        let mut r = Reader::new(bytes);
+        let mut out = Vec::new();
+        while r.offset() < bytes.len() {
+            let h = r.pull()?;
+            out.push(format!("{h:?}"));
+            if let Header::Text(Some(n)) | Header::Bytes(Some(n)) = h {
+                out.push(format!("{:?}", r.take(n)?));
+            }
         }
-        ciborium_ll::Error::Syntax(offset) => {
-            DecodeError::MalformedCbor(format!("invalid item at byte {offset}"))
+        Ok(out)
+    }
+
+    fn headers_ciborium(bytes: &[u8]) -> Option<Vec<String>> {
+        let mut d = ciborium_ll::Decoder::from(bytes);
+        let mut out = Vec::new();
+        while d.offset() < bytes.len() {
+            let h = d.pull().ok()?;
+            out.push(format!("{h:?}"));
+            if let Header::Text(Some(n)) | Header::Bytes(Some(n)) = h {
+                let mut buf = vec![0; n];
+                ciborium_io::Read::read_exact(&mut d, &mut buf).ok()?;
+                out.push(format!("{:?}", &buf[..]));
+            }
+        }
+        Some(out)
+    }
+
+    #[test]
+    fn headers_match_ciborium() {
+        let mut cases: Vec<Vec<u8>> = vec![
+            vec![0xf9, 0x3c, 0x00],                                     // half 1.0
+            vec![0xf9, 0x7c, 0x00],                                     // half +inf
+            vec![0xf9, 0x00, 0x01],                                     // smallest subnormal half
+            vec![0xf9, 0xc4, 0x00],                                     // half -4.0
+            vec![0xfa, 0x47, 0xc3, 0x50, 0x00],                         // single 100000.0
+            vec![0x7f, 0x62, b'h', b'i', 0x61, b'!', 0xff],             // indefinite text
+            vec![0x5f, 0x41, 1, 0xff],                                  // indefinite bytes
+            vec![0x9f, 0x01, 0xff],                                     // indefinite array
+            vec![0xbf, 0x61, b'a', 0x01, 0xff],                         // indefinite map
+            vec![0xc1, 0x1a, 0x65, 0x00, 0x00, 0x00],                   // tag 1
+            vec![0x3b, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff], // most negative
+            vec![0xf8, 0x20],                                           // simple 32
+            vec![0xf4, 0xf5, 0xf6, 0xf7],                               // false true null undefined
+        ];
+        for v in [
+            ciborium::Value::Float(1.5),
+            ciborium::Value::Float(f64::MAX),
+            ciborium::Value::Integer(u64::MAX.into()),
+            ciborium::Value::Text("é ü".into()),
+        ] {
+            let mut bytes = Vec::new();
+            ciborium::into_writer(&v, &mut bytes).expect("encode");
+            cases.push(bytes);
+        }
+        for bytes in cases {
+            let ours = headers_ours(&bytes).expect("valid CBOR");
+            assert_eq!(Some(ours), headers_ciborium(&bytes), "{bytes:02x?}");
+        }
+    }
+
+    #[test]
+    fn broken_headers_are_errors() {
+        for bytes in [
+            &[0x1c][..],         // reserved additional information 28
+            &[0x1f],             // an indefinite integer
+            &[0xdf],             // an indefinite tag
+            &[0xf8, 0x10],       // simple value below 32 in two bytes
+            &[0x1a, 0x00, 0x01], // argument cut short
+            &[0x7f, 0x01, 0xff], // an integer inside indefinite text
+        ] {
+            let mut r = Reader::new(bytes);
+            let result = r.pull().and_then(|h| match h {
+                Header::Text(len) => r.chunks(len, true, |_| Ok(())).map(|_| h),
+                h => Ok(h),
+            });
+            assert!(result.is_err(), "{bytes:02x?} gave {result:?}");
         }
     }
 }

@@ -1,0 +1,449 @@
+#!/usr/bin/env python3
+"""End-to-end benchmark: the sink's own rate, then the gateway at rising rates, then scale.
+
+Run through scripts/bench.sh, which builds the release binaries first. Everything runs on this
+machine, on loopback: VictoriaMetrics (the sink), mosquitto (external mode), the gateway, and
+the simulator as the publishers. Prints a table and writes the figures as JSON (--out).
+
+What each figure means:
+- raw sink rate: the same kind of line protocol the gateway writes, posted straight to the
+  sink with the gateway's batch size (5,000 lines) and concurrency (4 requests in flight).
+- a step: a fresh gateway; the simulator publishes `rate` messages/s (QoS 1) from `devices`
+  devices for `secs` seconds; the step ends when the sink holds every reading of the step.
+  delivered readings/s = readings / (first publish .. last reading in the sink).
+  gateway CPU = user + system CPU seconds of the gateway process over the step (the embedded
+  broker runs inside it), per million readings and per message.
+  peak RSS = the gateway's VmHWM at the end of the step.
+- saturation: the first step whose publishers could not publish 90% of the offered rate
+  (push back), or whose readings took more than 3 s after the last publish to land (the sink
+  side fell behind), or that lost anything; stepping stops there. delivered readings/s counts
+  the drain, so it reads about 10% under the offered rate at 10-second steps even when the
+  gateway keeps up.
+- latency: a run at half the highest rate delivered, with the simulator polling the sink
+  every 100 ms: p50/p99 from publish to visible in the sink (resolution: the poll).
+- scale: N devices connected at 1 message a minute; RSS per connection = (RSS with the fleet
+  connected - RSS before) / N.
+"""
+
+import argparse
+import http.client
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GATEWAY = os.path.join(ROOT, "target/release/gateway")
+SIMULATOR = os.path.join(ROOT, "target/release/simulator")
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url, timeout=20):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=1).read()
+            return
+        except Exception:
+            time.sleep(0.1)
+    sys.exit(f"{url} did not answer within {timeout}s")
+
+
+def wait_tcp(port, timeout=20):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    sys.exit(f"nothing listens on port {port} after {timeout}s")
+
+
+def cpu_secs(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # utime and stime are fields 14 and 15 of the line; fields[0] here is field 3.
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def status_kib(pid, key):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+class VictoriaMetrics:
+    def __init__(self, work):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [
+                shutil.which("victoria-metrics") or sys.exit("victoria-metrics is missing: ./scripts/install-deps.sh"),
+                f"-httpListenAddr=127.0.0.1:{self.port}",
+                f"-storageDataPath={work}/vm",
+                "-retentionPeriod=100y",
+                "-search.latencyOffset=0s",
+                "-search.disableCache",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_http(self.url + "/health")
+
+    def count(self, run):
+        """Samples of field `value` with tag run=`run` (one per reading)."""
+        urllib.request.urlopen(urllib.request.Request(self.url + "/internal/force_flush", method="POST")).read()
+        q = f'sum(count_over_time(env_value{{run="{run}"}}[30d]))'
+        body = urllib.request.urlopen(self.url + "/api/v1/query?" + urllib.parse.urlencode({"query": q})).read()
+        result = json.loads(body)["data"]["result"]
+        return int(float(result[0]["value"][1])) if result else 0
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait()
+
+
+def raw_sink_rate(vm, lines_total, batch, concurrency):
+    """Posts pre-built line protocol straight to the sink's v2 write API."""
+    now_ns = time.time_ns() - 3600 * 10**9
+    bodies = []
+    for b in range(lines_total // batch):
+        lines = []
+        for i in range(batch):
+            n = b * batch + i
+            device = f"dev-{n % 1000 + 1:05}"
+            lines.append(f"env,device={device},run=raw value={n * 0.5},seq={n} {now_ns + n * 1000}")
+        bodies.append(("\n".join(lines) + "\n").encode())
+    queue = list(range(len(bodies)))
+    lock = threading.Lock()
+    errors = []
+
+    def worker():
+        conn = http.client.HTTPConnection("127.0.0.1", vm.port, timeout=60)
+        while True:
+            with lock:
+                if not queue:
+                    return
+                i = queue.pop()
+            conn.request("POST", "/api/v2/write?org=o&bucket=b&precision=ns", body=bodies[i])
+            r = conn.getresponse()
+            r.read()
+            if r.status >= 300:
+                errors.append(r.status)
+
+    started = time.time()
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # Writes are acknowledged before they are searchable; the rate counts acceptance.
+    elapsed = time.time() - started
+    if errors:
+        sys.exit(f"the sink refused {len(errors)} raw batches: {errors[:3]}")
+    return len(bodies) * batch / elapsed
+
+
+class Gateway:
+    def __init__(self, work, sink_url, mode, mqtt_url=None, extra=None):
+        self.admin = f"127.0.0.1:{free_port()}"
+        self.port, self.port5 = free_port(), free_port()
+        env = {
+            "PATH": os.environ.get("PATH", ""),
+            "GATEWAY_MQTT__LISTEN": f"127.0.0.1:{self.port}",
+            "GATEWAY_MQTT__LISTEN_V5": f"127.0.0.1:{self.port5}",
+            "GATEWAY_ADMIN__LISTEN": self.admin,
+            "GATEWAY_SINK__URL": sink_url,
+            "GATEWAY_AUTH__ANONYMOUS": "true",
+            "GATEWAY_SELF_METRICS__ENABLED": "false",
+            "GATEWAY_LOG__LEVEL": "warn",
+        }
+        d = tempfile.mkdtemp(dir=work)
+        env["GATEWAY_DLQ__DIR"] = f"{d}/dlq"
+        env["GATEWAY_QUEUE__SPILL_DIR"] = f"{d}/spill"
+        if mode == "external":
+            env.update(
+                {
+                    "GATEWAY_MQTT__MODE": "external",
+                    "GATEWAY_MQTT__URL": mqtt_url,
+                    # One replica, restarted for each step under the same client id. A new
+                    # id each time would leave the old sessions in the shared group, and
+                    # mosquitto keeps handing them their share while they are offline.
+                    "GATEWAY_MQTT__CLIENT_ID": "bench-gateway",
+                }
+            )
+        env.update(extra or {})
+        self.log = open(f"{d}/gateway.log", "w")
+        self.proc = subprocess.Popen([GATEWAY, "run"], env=env, stdout=subprocess.DEVNULL, stderr=self.log)
+        wait_http(f"http://{self.admin}/healthz")
+        deadline = time.time() + 20
+        while self.metric("gateway_ingest_up") != 1.0:
+            if time.time() > deadline:
+                sys.exit("the gateway's ingest did not come up; see " + self.log.name)
+            time.sleep(0.1)
+        if mode == "embedded":
+            wait_tcp(self.port)
+        time.sleep(0.5)
+
+    def metric(self, name):
+        try:
+            text = urllib.request.urlopen(f"http://{self.admin}/metrics", timeout=2).read().decode()
+        except Exception:
+            return None
+        for line in text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        return None
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def simulate(port, run, devices, rate, secs, per_msg, report, verify_url=None, extra=()):
+    args = [
+        SIMULATOR, "run",
+        "--port", str(port),
+        "--devices", str(devices),
+        "--rate", f"{rate / devices:.4f}",
+        "--duration", f"{secs}s",
+        "--readings-per-message", str(per_msg),
+        "--format", "cbor",
+        "--run-id", run,
+        "--connect-rate", "0",
+        "--report", report,
+        *extra,
+    ]
+    if verify_url:
+        args += ["--verify-vm", verify_url, "--poll-interval", "100ms"]
+    subprocess.run(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(report) as f:
+        return json.load(f)
+
+
+def step(work, vm, mode, mqtt_url, per_msg, rate, devices, secs, seq, verify=False):
+    gw = Gateway(work, vm.url, mode, mqtt_url)
+    port = gw.port if mode == "embedded" else int(mqtt_url.rsplit(":", 1)[1])
+    run = f"{mode}-{per_msg}-{rate}-{seq}"
+    cpu0 = cpu_secs(gw.proc.pid)
+    report = simulate(port, run, devices, rate, secs, per_msg, f"{work}/{run}.json", vm.url if verify else None)
+    expected = report["readings_sent"]
+    published = time.time()
+    deadline = time.time() + 120
+    seen = vm.count(run)
+    while seen < expected and time.time() < deadline:
+        time.sleep(0.2)
+        seen = vm.count(run)
+    # From the first publish (the simulator's clock starts once its devices are connected)
+    # to the last reading visible in the sink.
+    drain = time.time() - published
+    elapsed = report["elapsed_secs"] + drain
+    cpu = cpu_secs(gw.proc.pid) - cpu0
+    peak = status_kib(gw.proc.pid, "VmHWM")
+    dropped = gw.metric("gateway_broker_dropped_total") or 0.0
+    gw.stop()
+    out = {
+        "mode": mode,
+        "readings_per_message": per_msg,
+        "offered_messages_per_sec": rate,
+        "published_messages_per_sec": report["messages_per_sec"],
+        "readings": expected,
+        "in_sink": seen,
+        "lost": expected - seen,
+        "broker_dropped": dropped,
+        # Time after the last publish until the sink held everything: about linger plus a
+        # poll while the gateway keeps up, growing once it falls behind.
+        "drain_secs": drain,
+        "delivered_readings_per_sec": seen / elapsed,
+        "delivered_messages_per_sec": seen / per_msg / elapsed,
+        "gateway_cpu_secs": cpu,
+        "cpu_secs_per_million_readings": cpu / max(seen, 1) * 1e6,
+        "cpu_us_per_message": cpu / max(seen / per_msg, 1) * 1e6,
+        "peak_rss_mib": peak / 1024,
+    }
+    verification = report.get("verification") or {}
+    latency = verification.get("latency")
+    if latency:
+        out["latency_p50_ms"] = latency.get("p50_ms")
+        out["latency_p99_ms"] = latency.get("p99_ms")
+    return out
+
+
+def ramp(work, vm, mode, mqtt_url, per_msg, rates, devices, secs):
+    results = []
+    for i, rate in enumerate(rates):
+        r = step(work, vm, mode, mqtt_url, per_msg, rate, devices, secs, i)
+        results.append(r)
+        print(
+            f"  {mode:8} {per_msg:3}/msg offered {rate:>7} msg/s: published {r['published_messages_per_sec']:>9.0f} msg/s, "
+            f"delivered {r['delivered_readings_per_sec']:>9.0f} readings/s, CPU {r['cpu_us_per_message']:6.2f} us/msg "
+            f"{r['cpu_secs_per_million_readings']:6.2f} s/M readings, drain {r['drain_secs']:.1f} s, "
+            f"peak RSS {r['peak_rss_mib']:.0f} MiB, lost {r['lost']}",
+            flush=True,
+        )
+        # Saturated: the publishers were held back (the gateway pushes back), or the sink
+        # fell behind (what was published took more than 3 s after the last publish to land),
+        # or anything was lost.
+        if r["published_messages_per_sec"] < 0.9 * rate or r["drain_secs"] > 3 or r["lost"] > 0:
+            break
+    best = max(results, key=lambda r: r["delivered_readings_per_sec"])
+    half = max(1, int(best["delivered_messages_per_sec"] / 2))
+    lat = step(work, vm, mode, mqtt_url, per_msg, half, devices, secs, "lat", verify=True)
+    print(
+        f"  {mode:8} {per_msg:3}/msg latency at {half} msg/s (half the best): p50 {lat.get('latency_p50_ms')} ms, "
+        f"p99 {lat.get('latency_p99_ms')} ms",
+        flush=True,
+    )
+    return {"steps": results, "best": best, "latency": lat}
+
+
+def scale(work, vm, devices, guard):
+    extra = {"GATEWAY_MQTT__MAX_CONNECTIONS": str(devices + 100)}
+    if guard:
+        # The guard is in front whenever connections are rate limited; a limit far above the
+        # connect rate keeps it out of the way.
+        extra["GATEWAY_LIMITS__CONNECTION_RATE"] = "1000000"
+        extra["GATEWAY_LIMITS__CONNECTION_BURST"] = "1000000"
+    gw = Gateway(work, vm.url, "embedded", extra=extra)
+    time.sleep(1)
+    before = status_kib(gw.proc.pid, "VmRSS")
+    run = f"scale-{devices}-{int(guard)}"
+    # One message a minute per device for a little over a minute: every device connects,
+    # publishes, and stays connected while the RSS is read.
+    sim = subprocess.Popen(
+        [
+            SIMULATOR, "run", "--port", str(gw.port), "--devices", str(devices),
+            "--rate", f"{1 / 60:.6f}", "--duration", "75s", "--format", "cbor",
+            "--run-id", run, "--connect-rate", "2000", "--report", f"{work}/{run}.json",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    connect_secs = devices / 2000 + 15
+    time.sleep(connect_secs)
+    during = status_kib(gw.proc.pid, "VmRSS")
+    sim.wait()
+    with open(f"{work}/{run}.json") as f:
+        report = json.load(f)
+    gw.stop()
+    connected = devices - report["devices_failed"]
+    return {
+        "devices": devices,
+        "connected": connected,
+        "guard": guard,
+        "rss_before_mib": before / 1024,
+        "rss_connected_mib": during / 1024,
+        "kib_per_connection": (during - before) / max(connected, 1),
+        "errors": report.get("errors", [])[:3],
+    }
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="bench-results.json")
+    p.add_argument("--secs", type=int, default=10, help="publishing time of each step")
+    p.add_argument("--devices", type=int, default=100, help="devices in the throughput steps")
+    p.add_argument("--quick", action="store_true", help="fewer, shorter steps (a smoke run)")
+    p.add_argument("--only", choices=["raw", "ramp", "scale"], action="append")
+    args = p.parse_args()
+    only = set(args.only or ["raw", "ramp", "scale"])
+    secs = 3 if args.quick else args.secs
+    work = tempfile.mkdtemp(prefix="gateway-bench-")
+    results = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "model": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?"),
+            "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+            "open_files_limit": resource.getrlimit(resource.RLIMIT_NOFILE),
+        },
+        "command": " ".join(["./scripts/bench.sh"] + sys.argv[1:]),
+    }
+    vm = VictoriaMetrics(work)
+    mosquitto = None
+    try:
+        if "raw" in only:
+            raw = raw_sink_rate(vm, 400_000 if args.quick else 2_000_000, 5000, 4)
+            results["raw_sink_lines_per_sec"] = raw
+            print(f"raw sink (VictoriaMetrics, 5,000-line batches, 4 in flight): {raw:,.0f} lines/s", flush=True)
+        if "ramp" in only:
+            mq_port = free_port()
+            conf = f"{work}/mosquitto.conf"
+            with open(conf, "w") as f:
+                f.write(
+                    f"per_listener_settings true\nuser root\nmax_queued_messages 0\nmax_queued_bytes 0\n"
+                    f"max_inflight_messages 1000\nlistener {mq_port} 127.0.0.1\nallow_anonymous true\n"
+                )
+            mosquitto = subprocess.Popen(
+                [shutil.which("mosquitto") or sys.exit("mosquitto is missing: ./scripts/install-deps.sh"), "-c", conf],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            wait_tcp(mq_port)
+            mqtt_url = f"mqtt://127.0.0.1:{mq_port}"
+            one = [20_000, 60_000] if args.quick else [10_000, 20_000, 40_000, 60_000, 80_000, 100_000, 120_000]
+            hundred = [1_000, 4_000] if args.quick else [1_000, 2_000, 3_000, 4_000, 5_000, 6_000, 8_000, 10_000]
+            results["ramps"] = {}
+            for mode in ["embedded", "external"]:
+                for per_msg, rates in [(1, one), (100, hundred)]:
+                    results["ramps"][f"{mode}-{per_msg}"] = ramp(
+                        work, vm, mode, mqtt_url, per_msg, rates, args.devices, secs
+                    )
+            raw = results.get("raw_sink_lines_per_sec")
+            r = results["ramps"]
+            ratios = {
+                "embedded_100_vs_raw_sink": raw and r["embedded-100"]["best"]["delivered_readings_per_sec"] / raw,
+                "external_100_vs_raw_sink": raw and r["external-100"]["best"]["delivered_readings_per_sec"] / raw,
+                "embedded_vs_external_1": r["embedded-1"]["best"]["delivered_readings_per_sec"]
+                / r["external-1"]["best"]["delivered_readings_per_sec"],
+                "embedded_vs_external_100": r["embedded-100"]["best"]["delivered_readings_per_sec"]
+                / r["external-100"]["best"]["delivered_readings_per_sec"],
+            }
+            results["ratios"] = ratios
+            print("ratios:", json.dumps(ratios, indent=1), flush=True)
+        if "scale" in only:
+            results["scale"] = []
+            for devices, guard in [(1000, False), (10_000, False), (18_000, False), (5_000, True)]:
+                if args.quick and devices > 1000:
+                    continue
+                s = scale(work, vm, devices, guard)
+                results["scale"].append(s)
+                print(
+                    f"scale: {s['connected']} of {devices} devices connected ({'guard' if guard else 'direct'}): "
+                    f"RSS {s['rss_before_mib']:.0f} -> {s['rss_connected_mib']:.0f} MiB, "
+                    f"{s['kib_per_connection']:.1f} KiB per connection",
+                    flush=True,
+                )
+    finally:
+        if mosquitto:
+            mosquitto.terminate()
+            mosquitto.wait()
+        vm.stop()
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+        print(f"figures: {args.out} (work files in {work})")
+
+
+if __name__ == "__main__":
+    main()
