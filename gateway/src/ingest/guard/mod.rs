@@ -111,10 +111,22 @@ pub async fn bind(config: &Config) -> Result<Listeners, IngestError> {
     Ok(Listeners { plain, tls })
 }
 
+/// Connections the kernel holds for the guard before it accepts them. A fleet reconnecting at
+/// once overflows the usual 1,024, and a device whose SYN is dropped waits a second or more.
+const ACCEPT_BACKLOG: u32 = 8192;
+
 async fn listen(key: &'static str, addr: SocketAddr) -> Result<TcpListener, IngestError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| IngestError::Bind { key, addr, source })
+    let bind = || {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(ACCEPT_BACKLOG)
+    };
+    bind().map_err(|source| IngestError::Bind { key, addr, source })
 }
 
 impl Guard {
