@@ -104,6 +104,7 @@ pub struct MqttConfig {
     pub tls_cert_file: PathBuf,
     pub tls_key_file: PathBuf,
     pub tls_client_ca_file: PathBuf,
+    pub direct: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -563,6 +564,16 @@ impl Config {
                     .into(),
             );
         }
+        need(
+            !m.direct
+                || (self.auth.anonymous
+                    && m.tls_listen.is_none()
+                    && self.limits.connection_rate == 0),
+            "mqtt.direct = true leaves out the guard, and with it authentication, TLS and the \
+             connection rate: it needs auth.anonymous = true, no mqtt.tls_listen and \
+             limits.connection_rate = 0"
+                .into(),
+        );
         need(
             m.tls_listen.is_none() || (set(&m.tls_cert_file) && set(&m.tls_key_file)),
             "mqtt.tls_listen needs mqtt.tls_cert_file and mqtt.tls_key_file".into(),

@@ -69,6 +69,7 @@ pub struct Metrics {
     pub spill_readings_total: Counter,
     pub spill_drained_readings: Counter,
     pub device_connections: Gauge,
+    pub ingest_paused: Counter,
     pub connections_refused: Family<Reason, Counter>,
     pub connections_closed: Family<Reason, Counter>,
     pub credentials_devices: Gauge,
@@ -120,6 +121,7 @@ impl Metrics {
             spill_readings_total: Counter::default(),
             spill_drained_readings: Counter::default(),
             device_connections: Gauge::default(),
+            ingest_paused: Counter::default(),
             connections_refused: Family::default(),
             connections_closed: Family::default(),
             credentials_devices: Gauge::default(),
@@ -322,6 +324,11 @@ impl Metrics {
             "gateway_device_connections",
             "Devices connected through the guard (TLS, authentication or connection limits on)",
             m.device_connections.clone(),
+        );
+        r.register(
+            "gateway_ingest_paused",
+            "Times a device connection waited because half the embedded broker's log was unread (push-back)",
+            m.ingest_paused.clone(),
         );
         r.register(
             "gateway_connections_refused",

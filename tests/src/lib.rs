@@ -597,12 +597,15 @@ impl Events for rumqttc::v5::EventLoop {
 /// Waits for the CONNACK (even with nothing to publish), then for `total` PUBACKs.
 async fn await_acks(events: &mut impl Events, client_id: &str, total: usize) -> Result<()> {
     let step = Duration::from_secs(10);
+    // A thousand devices connecting at once while other tests load both cores can wait
+    // longer than one step for their turn.
+    let connect = Duration::from_secs(60);
     loop {
-        match tokio::time::timeout(step, events.next_seen()).await {
+        match tokio::time::timeout(connect, events.next_seen()).await {
             Ok(Ok(Seen::ConnAck)) => break,
             Ok(Ok(_)) => {}
             Ok(Err(e)) => bail!("{client_id}: cannot connect: {e}"),
-            Err(_) => bail!("{client_id}: no CONNACK within {step:?}"),
+            Err(_) => bail!("{client_id}: no CONNACK within {connect:?}"),
         }
     }
     let mut acked = 0;

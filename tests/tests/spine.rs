@@ -518,14 +518,16 @@ fn hanging_sink() -> (std::net::TcpListener, String) {
     (listener, url)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn broker_overflow_is_counted_exactly() {
+/// A sink that holds every connection open without answering until `release` is set; then
+/// the listener closes, so writes fail fast (connection refused) and the pipeline drains.
+fn held_sink() -> (
+    String,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    std::thread::JoinHandle<()>,
+) {
     use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
     let (listener, url) = hanging_sink();
-    let release = Arc::new(AtomicBool::new(false));
-    // Hold every connection open without answering until released; then close the listener,
-    // so writes fail fast (connection refused) and the pipeline drains.
+    let release = std::sync::Arc::new(AtomicBool::new(false));
     let holder = {
         let release = release.clone();
         std::thread::spawn(move || {
@@ -540,24 +542,31 @@ async fn broker_overflow_is_counted_exactly() {
             }
         })
     };
-    let gw = Gateway::start(&[
+    (url, release, holder)
+}
+
+/// The settings under which a stalled sink backs up into the embedded broker's log.
+fn stalled_pipeline(url: String) -> Vec<(&'static str, String)> {
+    vec![
         ("GATEWAY_SINK__URL", url),
         ("GATEWAY_SINK__TIMEOUT", "1s".into()),
         ("GATEWAY_SINK__MAX_ATTEMPTS", "1".into()),
         ("GATEWAY_SINK__MAX_IN_FLIGHT", "1".into()),
         ("GATEWAY_QUEUE__MAX_READINGS", "10".into()),
-        // Waiting, not spilling: the point is to make the broker overflow.
+        // Waiting, not spilling: the point is to fill the broker's log.
         ("GATEWAY_QUEUE__WHEN_FULL", "block".into()),
         ("GATEWAY_BATCH__MAX_READINGS", "10".into()),
         // The smallest broker log the config allows: 2 segments of 1 MiB.
         ("GATEWAY_MQTT__BROKER_SEGMENT_SIZE", "1MiB".into()),
         ("GATEWAY_MQTT__BROKER_SEGMENT_COUNT", "2".into()),
-    ])
-    .await;
+    ]
+}
+
+/// `n` messages of about 450 bytes from device `flood`.
+fn flood(n: u64) -> Vec<Message> {
     let ts = base_ms();
     let padding = "p".repeat(400);
-    let published = 20_000u64;
-    let msgs: Vec<Message> = (0..published as i64)
+    (0..n as i64)
         .map(|i| Message {
             topic: "telemetry/flood/env".into(),
             payload: serde_json::to_vec(
@@ -566,7 +575,59 @@ async fn broker_overflow_is_counted_exactly() {
             .expect("json"),
             content_type: None,
         })
-        .collect();
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn behind_the_guard_a_full_broker_log_pushes_back_instead_of_dropping() {
+    use std::sync::atomic::Ordering;
+    let (url, release, holder) = held_sink();
+    let gw = Gateway::start(&stalled_pipeline(url)).await;
+    let published = 20_000u64;
+    let port = gw.mqtt_port;
+    let publisher = tokio::spawn(async move { publish_v4(port, "flood", flood(published)).await });
+    let m = eventually(
+        Duration::from_secs(30),
+        "the guard pauses the device",
+        || async {
+            let m = gw.metrics().await?;
+            anyhow::ensure!(
+                get(&m, "gateway_ingest_paused_total") > 0.0,
+                "not paused yet"
+            );
+            Ok(m)
+        },
+    )
+    .await;
+    assert_eq!(get(&m, "gateway_broker_dropped_total"), 0.0);
+    assert!(!publisher.is_finished(), "the device is held back");
+    release.store(true, Ordering::Relaxed);
+    let _ = holder.join();
+    tokio::time::timeout(Duration::from_secs(120), publisher)
+        .await
+        .expect("the device finishes once the pipeline moves")
+        .expect("joined")
+        .expect("every message acknowledged");
+    let m = gw
+        .wait_metric("gateway_messages_received_total", published as f64)
+        .await;
+    assert_eq!(
+        get(&m, "gateway_broker_dropped_total"),
+        0.0,
+        "nothing dropped"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_the_guard_broker_overflow_is_counted_exactly() {
+    use std::sync::atomic::Ordering;
+    let (url, release, holder) = held_sink();
+    // Devices straight to the broker: nothing holds them back.
+    let mut env = stalled_pipeline(url);
+    env.push(("GATEWAY_MQTT__DIRECT", "true".into()));
+    let gw = Gateway::start(&env).await;
+    let published = 20_000u64;
+    let msgs = flood(published);
     // The broker acknowledges every message whether or not the gateway ever reads it.
     publish_v4(gw.mqtt_port, "flood", msgs)
         .await

@@ -28,6 +28,8 @@ pub struct Embedded {
     _tx: LinkTx,
     rx: LinkRx,
     alerts: rumqttd::alerts::AlertsLink,
+    /// With the guard: what the link has read, so that devices wait when it falls behind.
+    backlog: Option<Arc<guard::backlog::Backlog>>,
 }
 
 /// Where rumqttd listens and what login it requires.
@@ -35,6 +37,7 @@ struct Listen {
     v4: SocketAddr,
     v5: SocketAddr,
     login: Option<(String, String)>,
+    backlog: Option<Arc<guard::backlog::Backlog>>,
 }
 
 /// Builds the broker, links the gateway to it, and starts it on its own threads. With the
@@ -46,11 +49,22 @@ pub async fn start(
     stop: CancellationToken,
 ) -> Result<Embedded, IngestError> {
     let mqtt = &config.mqtt;
+    if config.auth.anonymous {
+        warn!("auth.anonymous = true: any device that reaches the MQTT ports may publish");
+    }
     let listen = if guard::wanted(config) {
         let listeners = guard::bind(config).await?;
         let upstream = (free_loopback_port()?, free_loopback_port()?);
         let login = guard::internal_login();
-        let g = Arc::new(guard::Guard::new(config, upstream, login.clone(), metrics)?);
+        let log_bytes = mqtt.broker_segment_size.as_u64() * mqtt.broker_segment_count as u64;
+        let backlog = Arc::new(guard::backlog::Backlog::new(log_bytes));
+        let g = Arc::new(guard::Guard::new(
+            config,
+            upstream,
+            login.clone(),
+            backlog.clone(),
+            metrics,
+        )?);
         tokio::spawn(g.run(listeners, config.auth.reload_interval, stop));
         info!(
             anonymous = config.auth.anonymous,
@@ -62,6 +76,7 @@ pub async fn start(
             v4: upstream.0,
             v5: upstream.1,
             login: Some(login),
+            backlog: Some(backlog),
         }
     } else {
         for (key, addr) in [
@@ -76,11 +91,11 @@ pub async fn start(
                 source,
             })?;
         }
-        warn!("auth.anonymous = true: any device that reaches the MQTT ports may publish");
         Listen {
             v4: mqtt.listen,
             v5: mqtt.listen_v5,
             login: None,
+            backlog: None,
         }
     };
     let broker_config = broker_config(config, &listen)?;
@@ -107,6 +122,7 @@ pub async fn start(
         _tx: tx,
         rx,
         alerts,
+        backlog: listen.backlog,
     })
 }
 
@@ -127,7 +143,9 @@ fn broker_config(config: &Config, listen: &Listen) -> Result<rumqttd::Config, In
     let mqtt = &config.mqtt;
     let connections = ConnectionSettings {
         connection_timeout_ms: 10_000,
-        max_payload_size: guard::broker_payload_limit(config),
+        // A little over the guard's limit, so that the guard, which counts what it
+        // forwards, refuses an oversized packet before the broker does.
+        max_payload_size: guard::broker_payload_limit(config) + 64 * 1024,
         max_inflight_count: 100,
         auth: listen
             .login
@@ -185,22 +203,32 @@ impl Embedded {
             _tx,
             mut rx,
             alerts,
+            backlog,
         } = self;
         let alert_task = tokio::spawn(watch_alerts(alerts, metrics.clone()));
         metrics.ingest_up.set(1);
         let mut next_offset: u64 = 0;
         loop {
+            if let Some(b) = &backlog {
+                b.reader_idle(true);
+            }
             let notification = tokio::select! {
                 biased;
                 _ = stop.cancelled() => break,
                 n = rx.next() => n,
             };
+            if let Some(b) = &backlog {
+                b.reader_idle(false);
+            }
             match notification {
                 Ok(Some(Notification::Forward(forward))) => {
                     if let Some((_, offset)) = forward.cursor {
                         if offset > next_offset {
                             let lost = offset - next_offset;
                             metrics.broker_dropped.inc_by(lost);
+                            if let Some(b) = &backlog {
+                                b.consumed(lost);
+                            }
                             error!(
                                 lost,
                                 "the embedded broker dropped messages before the gateway read them \
@@ -209,6 +237,9 @@ impl Embedded {
                             );
                         }
                         next_offset = next_offset.max(offset + 1);
+                    }
+                    if let Some(b) = &backlog {
+                        b.consumed(1);
                     }
                     let content_type = forward
                         .properties

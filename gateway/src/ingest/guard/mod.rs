@@ -12,6 +12,7 @@
 //! Packets are checked where they lie in the read buffer and forwarded unchanged, in one write
 //! per read; the broker's replies are copied back untouched.
 
+pub mod backlog;
 pub mod credentials;
 pub mod packet;
 
@@ -62,14 +63,15 @@ pub struct Guard {
     login: (String, String),
     connections: Arc<Semaphore>,
     connection_rate: Option<Mutex<RateLimiter>>,
+    backlog: Arc<backlog::Backlog>,
     metrics: Arc<Metrics>,
     log_budget: LogBudget,
 }
 
-/// Whether the guard must run: when devices must authenticate, when there is a TLS listener,
-/// or when new connections are rate limited. Otherwise devices reach rumqttd directly.
+/// The guard runs unless the operator chose `mqtt.direct` (validated to need none of what
+/// only the guard does).
 pub fn wanted(config: &Config) -> bool {
-    !config.auth.anonymous || config.mqtt.tls_listen.is_some() || config.limits.connection_rate > 0
+    !config.mqtt.direct
 }
 
 /// Login for rumqttd's listeners: a name and a random password made at start.
@@ -134,6 +136,7 @@ impl Guard {
         config: &Config,
         upstream: (SocketAddr, SocketAddr),
         login: (String, String),
+        backlog: Arc<backlog::Backlog>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, IngestError> {
         let pattern = TopicPattern::parse(&config.mqtt.topic)
@@ -152,7 +155,9 @@ impl Guard {
             credentials,
             anonymous: config.auth.anonymous,
             bind_identity: config.auth.bind_identity,
-            max_packet: broker_payload_limit(config) + 64 * 1024,
+            // The broker takes a little more, so that the guard, which counts what it
+            // forwards, is the one that refuses.
+            max_packet: broker_payload_limit(config),
             upstream_v4: upstream.0,
             upstream_v5: upstream.1,
             login,
@@ -163,6 +168,7 @@ impl Guard {
                     limits.connection_burst,
                 ))
             }),
+            backlog,
             metrics,
             log_budget: LogBudget::default(),
         })
@@ -504,6 +510,9 @@ impl Session<'_> {
             if buf.capacity() - buf.len() < READ_BUFFER / 4 {
                 buf.reserve(buf.capacity().max(READ_BUFFER));
             }
+            if self.guard.backlog.room().await {
+                self.guard.metrics.ingest_paused.inc();
+            }
             match device.read_buf(&mut buf).await {
                 Ok(0) | Err(_) => return Outcome::Closed,
                 Ok(_) => {}
@@ -564,16 +573,26 @@ impl Session<'_> {
                     }
                     None => topic.name,
                 };
-                match self.identity {
-                    Some(id) if self.guard.bind_identity && !self.guard.may_publish(id, name) => {
+                if name.contains(['+', '#']) || name.starts_with('$') {
+                    return Err(Outcome::Violation(
+                        "protocol_error",
+                        format!("publish to {name:?}"),
+                    ));
+                }
+                if let Some(id) = self.identity {
+                    if self.guard.bind_identity && !self.guard.may_publish(id, name) {
                         self.guard.metrics.reject("identity_mismatch", true);
-                        Err(Outcome::Violation(
+                        return Err(Outcome::Violation(
                             "identity_mismatch",
                             format!("published to {name:?}"),
-                        ))
+                        ));
                     }
-                    _ => Ok(()),
                 }
+                // Topic and payload, near enough (packet id and properties count too): the
+                // backlog needs the mean size, not an exact one.
+                let body = frame.len - frame.header - 2 - topic.name.len();
+                self.guard.backlog.forwarded((name.len() + body) as u64);
+                Ok(())
             }
             packet::SUBSCRIBE => {
                 let filters =
@@ -656,6 +675,7 @@ mod tests {
             &config,
             (addr, addr),
             ("u".into(), "p".into()),
+            Arc::new(backlog::Backlog::new(1 << 30)),
             Arc::new(Metrics::new()),
         )
         .expect("guard");
