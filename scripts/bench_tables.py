@@ -18,7 +18,9 @@ def main():
     print(f"Command: `{r['command']}`\n")
     raw = r.get("raw_sink_lines_per_sec")
     if raw:
-        print(f"Raw sink rate (VictoriaMetrics, 5,000-line batches, 4 in flight): **{fmt(raw)} lines/s**\n")
+        cores = r.get("raw_sink_cores")
+        extra = f", the sink using {fmt(cores, 2)} cores" if cores else ""
+        print(f"Raw sink rate (VictoriaMetrics, 5,000-line batches, 4 in flight): **{fmt(raw)} lines/s**{extra}\n")
     for name, ramp in r.get("ramps", {}).items():
         mode, per = name.split("-")
         print(f"### {mode}, {per} reading(s) per message\n")
