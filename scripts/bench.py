@@ -193,10 +193,12 @@ class Gateway:
                 {
                     "GATEWAY_MQTT__MODE": "external",
                     "GATEWAY_MQTT__URL": mqtt_url,
-                    # One replica, restarted for each step under the same client id. A new
-                    # id each time would leave the old sessions in the shared group, and
-                    # mosquitto keeps handing them their share while they are offline.
-                    "GATEWAY_MQTT__CLIENT_ID": "bench-gateway",
+                    # A fresh replica for each step whose session ends with it: a session
+                    # kept across steps would carry one step's backlog into the next, and a
+                    # new id per step with kept sessions would leave offline members in the
+                    # group, which mosquitto keeps handing their share.
+                    "GATEWAY_MQTT__CLIENT_ID": f"bench-{os.path.basename(d)}",
+                    "GATEWAY_MQTT__SESSION_EXPIRY": "0s",
                 }
             )
         env.update(extra or {})
@@ -420,6 +422,8 @@ def main():
     p.add_argument("--devices", type=int, default=100, help="devices in the throughput steps")
     p.add_argument("--quick", action="store_true", help="fewer, shorter steps (a smoke run)")
     p.add_argument("--only", choices=["raw", "ramp", "scale"], action="append")
+    p.add_argument("--modes", default="embedded,direct,external", help="ramps to run")
+    p.add_argument("--merge", help="add the results to this earlier JSON (ratios recomputed)")
     args = p.parse_args()
     only = set(args.only or ["raw", "ramp", "scale"])
     secs = 3 if args.quick else args.secs
@@ -463,7 +467,14 @@ def main():
             one = [20_000, 60_000] if args.quick else [10_000, 20_000, 40_000, 60_000, 80_000, 100_000, 120_000, 150_000, 180_000]
             hundred = [1_000, 4_000] if args.quick else [1_000, 2_000, 4_000, 6_000, 8_000, 10_000, 12_000]
             results["ramps"] = {}
-            for mode in ["embedded", "direct", "external"]:
+            if args.merge:
+                earlier = json.load(open(args.merge))
+                results["raw_sink_lines_per_sec"] = earlier.get("raw_sink_lines_per_sec")
+                results["raw_sink_cores"] = earlier.get("raw_sink_cores")
+                results["ramps"] = earlier.get("ramps", {})
+                results["scale"] = earlier.get("scale", [])
+                results["merged_from"] = earlier.get("command")
+            for mode in args.modes.split(","):
                 for per_msg, rates in [(1, one), (100, hundred)]:
                     results["ramps"][f"{mode}-{per_msg}"] = ramp(
                         work, vm, mode, mqtt_url, per_msg, rates, args.devices, secs

@@ -15,7 +15,10 @@ def main():
     r = json.load(open(sys.argv[1] if len(sys.argv) > 1 else "bench-results.json"))
     m = r["machine"]
     print(f"Machine: {m['cpus']} × {m['model']}, {m['mem_gib']} GiB, open files limit {m['open_files_limit']}.")
-    print(f"Command: `{r['command']}`\n")
+    if r.get("merged_from"):
+        print(f"Command: `{r['merged_from']}`, then `{r['command']}` (the ramps named there re-run and merged).\n")
+    else:
+        print(f"Command: `{r['command']}`\n")
     raw = r.get("raw_sink_lines_per_sec")
     if raw:
         cores = r.get("raw_sink_cores")

@@ -160,7 +160,6 @@ pub fn start(
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     failures = 0;
                     connected = true;
-                    metrics.ingest_up.set(1);
                     info!(session_present = ack.session_present, group = %shared, "connected to the broker");
                     let filter = Filter::new(shared.clone(), QoS::AtLeastOnce);
                     if let Err(e) = client.subscribe_many([filter]).await {
@@ -178,7 +177,12 @@ pub fn start(
                             )
                         })
                         .collect();
-                    if !refused.is_empty() {
+                    if refused.is_empty() {
+                        // Up once subscribed, not at CONNACK: a broker drops what is published
+                        // to a topic nobody has subscribed to yet (seen in the benchmark: a
+                        // fresh session's first messages).
+                        metrics.ingest_up.set(1);
+                    } else {
                         error!(codes = ?refused, filter = %shared, "the broker refused the subscription (shared subscriptions and the topic ACL must allow it)");
                     }
                 }
