@@ -760,6 +760,34 @@ mod tests {
     }
 
     #[test]
+    fn security_settings_are_validated_together() {
+        let err = Config::from_toml("[mqtt]\ndirect = true\n")
+            .expect_err("direct without anonymous")
+            .to_string();
+        assert!(err.contains("mqtt.direct = true"), "{err}");
+        Config::from_toml(&format!("{ANONYMOUS}[mqtt]\ndirect = true\n"))
+            .expect("direct with anonymous devices");
+        let err = Config::from_toml(&format!(
+            "{ANONYMOUS}[mqtt]\ntls_listen = \"127.0.0.1:8883\"\ntls_client_ca_file = \"ca.pem\"\n"
+        ))
+        .expect_err("TLS without a certificate")
+        .to_string();
+        assert!(
+            err.contains("mqtt.tls_listen needs mqtt.tls_cert_file"),
+            "{err}"
+        );
+        let err = Config::from_toml(&format!("{ANONYMOUS}[mqtt]\ntls_listen = \"nowhere\"\n"))
+            .expect_err("not an address")
+            .to_string();
+        assert!(
+            err.contains("tls_listen") || err.contains("host:port"),
+            "{err}"
+        );
+        Config::from_toml("[auth]\ncredentials_file = \"devices\"\n")
+            .expect("a credentials file is a way to authenticate");
+    }
+
+    #[test]
     fn secrets_never_show_in_debug() {
         let c = Config::from_toml(&format!(
             "{ANONYMOUS}[sink]\ntoken = \"s3cr3t-token\"\npassword = \"hunter2\""
