@@ -139,6 +139,25 @@ async fn only_authenticated_devices_write_and_only_as_themselves() {
     .await;
     assert!(e.contains("NotAuthorized"), "{e}");
 
+    // A will under another device's id is refused at CONNECT.
+    let will = {
+        let mut opts = rumqttc::MqttOptions::new("a-will", "127.0.0.1", gw.mqtt_port);
+        opts.set_credentials("dev-a", "pw-a-31f9");
+        opts.set_last_will(rumqttc::LastWill::new(
+            "telemetry/dev-b/status",
+            "gone",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+        ));
+        let (_client, mut events) = rumqttc::AsyncClient::new(opts, 8);
+        tokio::time::timeout(Duration::from_secs(10), events.poll())
+            .await
+            .expect("an answer")
+            .expect_err("refused")
+            .to_string()
+    };
+    assert!(will.contains("NotAuthorized"), "{will}");
+
     // dev-a writing as dev-b: its connection is closed at that publish, which never lands.
     let mut as_b = readings("dev-a", 3);
     as_b.extend(readings("dev-b", 1));
@@ -189,6 +208,7 @@ async fn only_authenticated_devices_write_and_only_as_themselves() {
     assert_eq!(refused("unknown_device"), 1.0);
     assert_eq!(refused("anonymous"), 2.0);
     assert_eq!(refused("certificate_mismatch"), 1.0);
+    assert_eq!(refused("will_identity_mismatch"), 1.0);
     let closed = |reason: &str| {
         get(
             &m,
