@@ -293,6 +293,22 @@ pub fn gateway_binary() -> PathBuf {
     bin
 }
 
+/// Adds `device` to the credentials file with `gateway passwd`, as an operator does.
+pub fn passwd(file: &std::path::Path, device: &str, password: &str) {
+    use std::io::Write;
+    let mut child = std::process::Command::new(gateway_binary())
+        .args(["passwd", file.to_str().expect("utf-8"), device])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("gateway passwd runs");
+    let mut stdin = child.stdin.take().expect("stdin");
+    writeln!(stdin, "{password}").expect("password written");
+    drop(stdin);
+    let out = child.wait_with_output().expect("gateway passwd ends");
+    assert!(out.status.success(), "gateway passwd {device}");
+}
+
 /// A gateway process on free ports, configured through environment overrides.
 pub struct Gateway {
     pub proc: Proc,

@@ -116,18 +116,7 @@ async fn known_secrets_appear_nowhere_and_the_admin_token_guards_metrics() {
     let dead_sink = format!("http://127.0.0.1:{}", e2e::free_port());
     let credentials_dir = tempfile::tempdir().expect("tmp");
     let credentials = credentials_dir.path().join("devices");
-    let mut passwd = Command::new(gateway_binary())
-        .args(["passwd", credentials.to_str().expect("utf-8"), "d1"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("gateway passwd runs");
-    std::io::Write::write_all(
-        &mut passwd.stdin.take().expect("stdin"),
-        format!("{DEVICE_PASSWORD}\n").as_bytes(),
-    )
-    .expect("password written");
-    assert!(passwd.wait().expect("passwd ends").success());
+    e2e::passwd(&credentials, "d1", DEVICE_PASSWORD);
     let env = [
         ("GATEWAY_AUTH__ANONYMOUS", "false".to_string()),
         (

@@ -20,22 +20,6 @@ fn readings(device: &str, n: usize) -> Vec<Message> {
         .collect()
 }
 
-/// Adds `device` to the credentials file with `gateway passwd`, as an operator does.
-fn passwd(file: &std::path::Path, device: &str, password: &str) {
-    use std::io::Write;
-    let mut child = std::process::Command::new(gateway_binary())
-        .args(["passwd", file.to_str().expect("utf-8"), device])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("gateway passwd runs");
-    let mut stdin = child.stdin.take().expect("stdin");
-    writeln!(stdin, "{password}").expect("password written");
-    drop(stdin);
-    let out = child.wait_with_output().expect("gateway passwd ends");
-    assert!(out.status.success(), "gateway passwd {device}");
-}
-
 struct Secured {
     gw: Gateway,
     vm: VictoriaMetrics,

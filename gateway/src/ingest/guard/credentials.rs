@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, SystemTime};
 
 use rand::RngCore;
@@ -81,10 +81,11 @@ impl Credentials {
 
     fn hashes(&self) -> Arc<Hashes> {
         // A poisoned lock only means a reload panicked mid-swap; the table itself is whole.
-        match self.table.read() {
-            Ok(t) => t.0.clone(),
-            Err(p) => p.into_inner().0.clone(),
-        }
+        self.table
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .0
+            .clone()
     }
 
     pub async fn verify(&self, device: &str, password: &[u8]) -> Verdict {
@@ -128,10 +129,7 @@ impl Credentials {
     /// `n` devices; on error the previous table stays in force.
     pub fn reload_if_changed(&self) -> Result<Option<usize>, CredentialsError> {
         let stamp = stamp(&self.path)?;
-        let current = match self.table.read() {
-            Ok(t) => t.1,
-            Err(p) => p.into_inner().1,
-        };
+        let current = self.table.read().unwrap_or_else(PoisonError::into_inner).1;
         if stamp == current {
             return Ok(None);
         }
@@ -149,10 +147,7 @@ impl Credentials {
         if let Ok(mut passed) = self.passed.lock() {
             passed.retain(|device, (h, _)| hashes.get(device).is_some_and(|n| Arc::ptr_eq(n, h)));
         }
-        match self.table.write() {
-            Ok(mut t) => *t = (Arc::new(hashes), stamp),
-            Err(p) => *p.into_inner() = (Arc::new(hashes), stamp),
-        }
+        *self.table.write().unwrap_or_else(PoisonError::into_inner) = (Arc::new(hashes), stamp);
         Ok(Some(n))
     }
 

@@ -207,13 +207,7 @@ impl Guard {
     /// errors). Its MQTT 5 listener starts in the same breath.
     async fn probe(&self) -> std::io::Result<()> {
         let (user, password) = &self.login;
-        let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0xC2, 0, 10];
-        for field in ["gateway-guard-probe", user, password] {
-            body.extend_from_slice(&(field.len() as u16).to_be_bytes());
-            body.extend_from_slice(field.as_bytes());
-        }
-        let mut connect = vec![0x10, body.len() as u8];
-        connect.extend_from_slice(&body);
+        let connect = packet::connect_v4("gateway-guard-probe", user, password.as_bytes(), 10);
         let mut broker = TcpStream::connect(self.upstream_v4).await?;
         broker.write_all(&connect).await?;
         let mut connack = [0u8; 4];
@@ -652,18 +646,7 @@ mod tests {
         body.extend_from_slice(topic.as_bytes());
         body.extend_from_slice(&1u16.to_be_bytes());
         body.extend(std::iter::repeat_n(b'x', payload_len));
-        let mut p = vec![0x32];
-        let mut n = body.len();
-        loop {
-            let b = (n % 128) as u8;
-            n /= 128;
-            p.push(if n > 0 { b | 0x80 } else { b });
-            if n == 0 {
-                break;
-            }
-        }
-        p.extend_from_slice(&body);
-        p
+        packet::framed(0x32, &body)
     }
 
     /// Feeds `stream` to a session `step` bytes at a time, as reads would deliver it; returns

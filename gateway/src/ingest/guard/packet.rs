@@ -238,12 +238,30 @@ impl<'a> Connect<'a> {
         body.extend_from_slice(self.will);
         put_binary(&mut body, username.as_bytes());
         put_binary(&mut body, password);
-        let mut packet = Vec::with_capacity(body.len() + 5);
-        packet.push(CONNECT << 4);
-        put_varint(&mut packet, body.len());
-        packet.extend_from_slice(&body);
-        packet
+        framed(CONNECT << 4, &body)
     }
+}
+
+/// An MQTT 3.1.1 CONNECT with a clean session and a login: how the guard checks that the
+/// broker behind it answers.
+pub fn connect_v4(client_id: &str, username: &str, password: &[u8], keep_alive: u16) -> Vec<u8> {
+    const CLEAN_SESSION: u8 = 0x02;
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4];
+    body.push(USERNAME_FLAG | PASSWORD_FLAG | CLEAN_SESSION);
+    body.extend_from_slice(&keep_alive.to_be_bytes());
+    put_binary(&mut body, client_id.as_bytes());
+    put_binary(&mut body, username.as_bytes());
+    put_binary(&mut body, password);
+    framed(CONNECT << 4, &body)
+}
+
+/// A packet: its first byte, the remaining length, then `body`.
+pub(crate) fn framed(first: u8, body: &[u8]) -> Vec<u8> {
+    let mut packet = Vec::with_capacity(body.len() + 5);
+    packet.push(first);
+    put_varint(&mut packet, body.len());
+    packet.extend_from_slice(body);
+    packet
 }
 
 /// Strings in a rebuilt CONNECT come from a parsed one (each ≤ 65,535 bytes) or from the guard.
@@ -405,16 +423,24 @@ mod tests {
             put_binary(&mut body, user.as_bytes());
             put_binary(&mut body, pass);
         }
-        let mut packet = vec![CONNECT << 4];
-        put_varint(&mut packet, body.len());
-        packet.extend_from_slice(&body);
-        packet
+        framed(CONNECT << 4, &body)
     }
 
     fn parse(packet: &[u8]) -> Connect<'_> {
         let f = frame(packet, 1 << 20).expect("test").expect("test");
         assert_eq!(f.len, packet.len());
         Connect::parse(packet, f).expect("test")
+    }
+
+    #[test]
+    fn the_probe_connect_parses() {
+        let p = connect_v4("probe", "guard", b"secret", 10);
+        let c = parse(&p);
+        assert_eq!(
+            (c.level, c.client_id, c.username),
+            (4, "probe", Some("guard"))
+        );
+        assert_eq!(c.password, Some(&b"secret"[..]));
     }
 
     #[test]
@@ -494,9 +520,7 @@ mod tests {
         body.extend_from_slice(&7u16.to_be_bytes());
         body.extend_from_slice(&[7, 0x03, 0, 1, b'x', 0x23, 0, 3]);
         body.extend_from_slice(b"payload");
-        let mut p = vec![0x32];
-        put_varint(&mut p, body.len());
-        p.extend_from_slice(&body);
+        let p = framed(0x32, &body);
         let f = frame(&p, 1000).expect("test").expect("test");
         assert_eq!(
             publish_topic(&p, f, true),
@@ -517,9 +541,7 @@ mod tests {
         body.push(1);
         put_binary(&mut body, b"#");
         body.push(0);
-        let mut p = vec![0x82];
-        put_varint(&mut p, body.len());
-        p.extend_from_slice(&body);
+        let p = framed(0x82, &body);
         let f = frame(&p, 1000).expect("test").expect("test");
         assert_eq!(subscribe_filters(&p, f, true), Ok(vec!["a/+", "#"]));
     }
