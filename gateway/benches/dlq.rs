@@ -2,7 +2,7 @@
 //! replay reads. Run with `cargo bench -p gateway --bench dlq`.
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use gateway::dlq::{Dlq, Kind, Meta, Options};
+use gateway::dlq::{options_for, Dlq, Kind, Meta, Options};
 
 fn meta(readings: u32) -> Meta {
     Meta {
@@ -21,11 +21,7 @@ fn meta(readings: u32) -> Meta {
 
 fn bench(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("tmp");
-    let options = Options {
-        max_bytes: 64 << 30,
-        segment_bytes: 64 << 20,
-        sync: true,
-    };
+    let options = options_for(64 << 30, 64 << 20);
     let (mut q, _) = Dlq::open(dir.path(), options, true).expect("open");
     let mut group = c.benchmark_group("dlq");
     group.sample_size(20);
@@ -51,9 +47,8 @@ fn bench(c: &mut Criterion) {
     // The spill buffer: the same log without the per-append fsync, in records of 4 MiB.
     let spill_dir = tempfile::tempdir().expect("tmp");
     let spill_options = Options {
-        max_bytes: 64 << 30,
-        segment_bytes: 64 << 20,
         sync: false,
+        ..options_for(64 << 30, 64 << 20)
     };
     let (mut spill, _) = Dlq::open(spill_dir.path(), spill_options, true).expect("open");
     let line = "env,device=dev-00001 v=21.5 1764126000000000000\n";

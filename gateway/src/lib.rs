@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod queue;
 pub mod redrive;
 pub mod retry;
+pub mod seglog;
 pub mod selfmetrics;
 pub mod sink;
 pub mod spill;

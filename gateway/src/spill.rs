@@ -4,7 +4,7 @@
 //! the oldest part of its log).
 //!
 //! One disk log in the project: the spill buffer is the dead-letter queue's log
-//! ([`crate::dlq::log`]) in its own directory, records of kind `spilled`, without the per-append
+//! ([`crate::seglog`]) in its own directory, records of kind `spilled`, without the per-append
 //! fsync (it survives a crash of the process, not of the machine; the in-memory queue survives
 //! neither). Chunks gather in memory and go to disk as one record of up to [`RECORD_BYTES`], so
 //! a burst of small messages costs one write per few thousand of them.
@@ -12,6 +12,10 @@
 //! Order: once anything is spilled, new chunks are spilled behind it until the spill is empty,
 //! and the drainer moves records into the queue oldest first, so chunks enter the queue in the
 //! order they were received.
+
+// The chunk travels back with the error so that nothing is lost; this module goes away once
+// the write-ahead log takes over its job.
+#![allow(clippy::result_large_err)]
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -53,9 +57,11 @@ impl Spill {
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, DlqError> {
         let options = dlq::Options {
-            max_bytes,
-            segment_bytes: (64 << 20).min(max_bytes),
+            what: "spill buffer",
+            max_key: "queue.spill_max_bytes",
             sync: false,
+            sync_deletes: false,
+            ..dlq::options_for(max_bytes, (64 << 20).min(max_bytes))
         };
         let (log, recovery) = Dlq::open(dir, options, true)?;
         for damage in &recovery.damaged {
@@ -273,7 +279,7 @@ fn record(chunks: &[Chunk]) -> (Meta, Vec<u8>) {
     }
     let received_ms = dlq::now_ms() - oldest.elapsed().as_millis() as i64;
     let meta = Meta {
-        kind: Kind::Spilled,
+        kind: Kind::Accepted,
         reason: "queue full".into(),
         status: None,
         attempts: 0,

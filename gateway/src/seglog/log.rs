@@ -1,5 +1,5 @@
-//! The dead-letter queue's files: open with recovery, append, read, delete (see
-//! [`super::format`] for the layout and the durability promise).
+//! A segment log's files: open with recovery, append, read, delete (see [`super::format`] for
+//! the layout and the durability promise).
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File, OpenOptions};
@@ -7,18 +7,28 @@ use std::io::{BufReader, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use super::format::{self, Frame};
-use super::{DlqError, Kind, Meta};
+use super::{Kind, LogError, Meta};
 
 /// Sizes that shape the queue.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// The queue refuses appends that would take its files past this (`dlq.max_bytes`).
+    /// What the log holds, for messages ("dead-letter queue", "write-ahead log").
+    pub what: &'static str,
+    /// The setting that bounds it, named in [`LogError::Full`].
+    pub max_key: &'static str,
+    /// First bytes of each segment file: says which store a file belongs to.
+    pub magic: &'static [u8; 8],
+    /// The log refuses appends that would take its files past this.
     pub max_bytes: u64,
     /// A new segment starts when the active one would pass this.
     pub segment_bytes: u64,
-    /// fdatasync every append before it returns (the dead-letter queue's promise). The spill
-    /// buffer turns it off: it survives a crash of the process, not of the machine.
+    /// fdatasync every append before it returns (the dead-letter queue's promise). The
+    /// write-ahead log syncs a group of messages at once with [`SegLog::sync`] instead.
     pub sync: bool,
+    /// fdatasync `deleted.log` with every delete. The write-ahead log leaves it to the page
+    /// cache: a tombstone lost in a power cut only writes a record to the sink again, which
+    /// is the same point there.
+    pub sync_deletes: bool,
 }
 
 /// One live record, as listed. The data stays on disk until asked for.
@@ -66,9 +76,11 @@ struct Active {
     seq: u64,
     file: File,
     len: u64,
+    /// Bytes known to be on disk (fdatasynced).
+    synced: u64,
 }
 
-pub struct Dlq {
+pub struct SegLog {
     dir: PathBuf,
     options: Options,
     writable: bool,
@@ -90,8 +102,8 @@ pub struct Dlq {
 const DELETED: &str = "deleted.log";
 const LOCK: &str = "LOCK";
 
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DlqError + '_ {
-    move |source| DlqError::Io {
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> LogError + '_ {
+    move |source| LogError::Io {
         path: path.display().to_string(),
         source,
     }
@@ -110,7 +122,7 @@ fn make_id(seq: u64, offset: u64) -> String {
     format!("{seq}-{offset}")
 }
 
-impl Dlq {
+impl SegLog {
     /// Opens (creating when `writable`) the queue in `dir`. A writable queue takes the
     /// directory's lock, cuts torn tails, removes fully deleted segments and compacts
     /// `deleted.log`; a read-only one changes nothing on disk and needs no lock.
@@ -118,7 +130,7 @@ impl Dlq {
         dir: &Path,
         options: Options,
         writable: bool,
-    ) -> Result<(Self, Recovery), DlqError> {
+    ) -> Result<(Self, Recovery), LogError> {
         let lock = if writable {
             fs::create_dir_all(dir).map_err(io_err(dir))?;
             let path = dir.join(LOCK);
@@ -131,7 +143,7 @@ impl Dlq {
             match file.try_lock() {
                 Ok(()) => Some(file),
                 Err(std::fs::TryLockError::WouldBlock) => {
-                    return Err(DlqError::Locked {
+                    return Err(LogError::Locked {
                         dir: dir.display().to_string(),
                     })
                 }
@@ -184,14 +196,19 @@ impl Dlq {
                         .append(true)
                         .open(&path)
                         .map_err(io_err(&path))?;
-                    dlq.active = Some(Active { seq, file, len });
+                    dlq.active = Some(Active {
+                        seq,
+                        file,
+                        len,
+                        synced: len,
+                    });
                 }
             }
         }
         Ok((dlq, recovery))
     }
 
-    fn segment_seqs(&self) -> Result<Vec<u64>, DlqError> {
+    fn segment_seqs(&self) -> Result<Vec<u64>, LogError> {
         let mut seqs: Vec<u64> = fs::read_dir(&self.dir)
             .map_err(io_err(&self.dir))?
             .filter_map(|e| e.ok())
@@ -204,7 +221,7 @@ impl Dlq {
         Ok(seqs)
     }
 
-    fn read_deleted(&mut self, recovery: &mut Recovery) -> Result<HashSet<String>, DlqError> {
+    fn read_deleted(&mut self, recovery: &mut Recovery) -> Result<HashSet<String>, LogError> {
         let path = self.dir.join(DELETED);
         let mut ids = HashSet::new();
         let Ok(file) = File::open(&path) else {
@@ -254,14 +271,14 @@ impl Dlq {
         last: bool,
         deleted: &HashSet<String>,
         recovery: &mut Recovery,
-    ) -> Result<(), DlqError> {
+    ) -> Result<(), LogError> {
         let path = self.dir.join(segment_name(seq));
         let file = File::open(&path).map_err(io_err(&path))?;
         let size = file.metadata().map_err(io_err(&path))?.len();
         let mut reader = BufReader::new(file);
         let mut magic = [0u8; 8];
         if std::io::Read::read_exact(&mut reader, &mut magic).is_err()
-            || &magic != format::SEGMENT_MAGIC
+            || &magic != self.options.magic
         {
             if last && self.writable && size < 8 {
                 // A segment whose creation a crash cut short: nothing in it was acknowledged.
@@ -345,7 +362,7 @@ impl Dlq {
     }
 
     /// Removes sealed segments with no live record left.
-    fn drop_dead_segments(&mut self) -> Result<(), DlqError> {
+    fn drop_dead_segments(&mut self) -> Result<(), LogError> {
         let last = self.segments.keys().next_back().copied();
         let active = self.active.as_ref().map(|a| a.seq).or(last);
         let dead: Vec<u64> = self
@@ -365,7 +382,7 @@ impl Dlq {
     }
 
     /// Rewrites `deleted.log` with only the ids of segments that still exist.
-    fn compact_deleted(&mut self) -> Result<(), DlqError> {
+    fn compact_deleted(&mut self) -> Result<(), LogError> {
         let path = self.dir.join(DELETED);
         let keep: Vec<String> = {
             let mut r = Recovery::default();
@@ -394,10 +411,10 @@ impl Dlq {
         Ok(())
     }
 
-    /// Appends a record, durably, and returns its id. [`DlqError::Full`] leaves the disk as
+    /// Appends a record, durably, and returns its id. [`LogError::Full`] leaves the disk as
     /// it was: the caller still holds the data.
-    pub fn append(&mut self, meta: &Meta, data: &[u8]) -> Result<String, DlqError> {
-        let meta_json = serde_json::to_vec(meta).map_err(|e| DlqError::Io {
+    pub fn append(&mut self, meta: &Meta, data: &[u8]) -> Result<String, LogError> {
+        let meta_json = serde_json::to_vec(meta).map_err(|e| LogError::Io {
             path: self.dir.display().to_string(),
             source: std::io::Error::other(e),
         })?;
@@ -405,7 +422,9 @@ impl Dlq {
         let frame_len = (format::FRAME_HEADER + body.len()) as u64;
         let used = self.disk_bytes();
         if used + frame_len > self.options.max_bytes {
-            return Err(DlqError::Full {
+            return Err(LogError::Full {
+                what: self.options.what,
+                key: self.options.max_key,
                 used,
                 max: self.options.max_bytes,
             });
@@ -440,6 +459,9 @@ impl Dlq {
             return Err(io_err(&path)(e));
         }
         active.len += frame_len;
+        if sync {
+            active.synced = active.len;
+        }
         let seq = active.seq;
         let id = make_id(seq, offset);
         let seg = self.segments.entry(seq).or_insert((0, 8));
@@ -457,12 +479,15 @@ impl Dlq {
         Ok(id)
     }
 
-    fn new_segment(&mut self) -> Result<(), DlqError> {
+    fn new_segment(&mut self) -> Result<(), LogError> {
         if !self.writable {
-            return Err(DlqError::Locked {
+            return Err(LogError::Locked {
                 dir: self.dir.display().to_string(),
             });
         }
+        // What the active segment holds must be on disk before anything lands in the next
+        // one, or a power cut could keep a later record and lose an earlier one.
+        self.sync()?;
         let seq = self.next_seq;
         self.next_seq += 1;
         let path = self.dir.join(segment_name(seq));
@@ -471,13 +496,18 @@ impl Dlq {
             .append(true)
             .open(&path)
             .map_err(io_err(&path))?;
-        file.write_all(format::SEGMENT_MAGIC)
+        file.write_all(self.options.magic)
             .and_then(|()| file.sync_all())
             .map_err(io_err(&path))?;
         sync_dir(&self.dir)?;
         self.segments.insert(seq, (0, 8));
         // The previous active segment may have been emptied while it was active.
-        let previous = self.active.replace(Active { seq, file, len: 8 });
+        let previous = self.active.replace(Active {
+            seq,
+            file,
+            len: 8,
+            synced: 8,
+        });
         if let Some(prev) = previous {
             if self
                 .segments
@@ -506,6 +536,30 @@ impl Dlq {
         }
     }
 
+    /// fdatasyncs the active segment: every record appended so far survives a power cut
+    /// (earlier segments were synced when they stopped being active). For logs opened without
+    /// `sync`, which batch many appends under one sync.
+    pub fn sync(&mut self) -> Result<(), LogError> {
+        let dir = self.dir.clone();
+        match self.active.as_mut() {
+            Some(active) if active.synced < active.len => {
+                let path = dir.join(segment_name(active.seq));
+                active.file.sync_data().map_err(io_err(&path))?;
+                active.synced = active.len;
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Test failpoint: what a power cut does to the active segment, cutting what was appended
+    /// since its last sync.
+    pub fn discard_unsynced(&mut self) {
+        if let Some(active) = self.active.as_mut() {
+            let _ = active.file.set_len(active.synced);
+        }
+    }
+
     /// Live records, oldest first.
     pub fn entries(&self) -> impl Iterator<Item = &Entry> {
         self.live.values()
@@ -516,16 +570,16 @@ impl Dlq {
     }
 
     /// A record's metadata and data.
-    pub fn read(&self, id: &str) -> Result<(Meta, Vec<u8>), DlqError> {
-        let (seq, offset) = parse_id(id).ok_or_else(|| DlqError::NotFound(id.to_owned()))?;
+    pub fn read(&self, id: &str) -> Result<(Meta, Vec<u8>), LogError> {
+        let (seq, offset) = parse_id(id).ok_or_else(|| LogError::NotFound(id.to_owned()))?;
         let entry = self
             .live
             .get(&(seq, offset))
-            .ok_or_else(|| DlqError::NotFound(id.to_owned()))?;
+            .ok_or_else(|| LogError::NotFound(id.to_owned()))?;
         let path = self.dir.join(segment_name(seq));
         let mut file = File::open(&path).map_err(io_err(&path))?;
         file.seek(SeekFrom::Start(offset)).map_err(io_err(&path))?;
-        let corrupt = |detail: &str| DlqError::Corrupt {
+        let corrupt = |detail: &str| LogError::Corrupt {
             id: id.to_owned(),
             detail: detail.to_owned(),
         };
@@ -541,13 +595,13 @@ impl Dlq {
 
     /// Removes records (replayed or purged), durably. Unknown ids are an error before
     /// anything is removed.
-    pub fn delete(&mut self, ids: &[String]) -> Result<(), DlqError> {
+    pub fn delete(&mut self, ids: &[String]) -> Result<(), LogError> {
         let mut keys: Vec<(u64, u64)> = ids
             .iter()
             .map(|id| {
                 parse_id(id)
                     .filter(|k| self.live.contains_key(k))
-                    .ok_or_else(|| DlqError::NotFound(id.clone()))
+                    .ok_or_else(|| LogError::NotFound(id.clone()))
             })
             .collect::<Result<_, _>>()?;
         keys.sort_unstable();
@@ -570,8 +624,9 @@ impl Dlq {
             format::write_frame(&mut frames, make_id(*seq, *offset).as_bytes())
                 .map_err(io_err(&path))?;
         }
+        let sync = self.options.sync_deletes;
         log.write_all(&frames)
-            .and_then(|()| log.sync_data())
+            .and_then(|()| if sync { log.sync_data() } else { Ok(()) })
             .map_err(io_err(&path))?;
         let active = self.active.as_ref().map(|a| a.seq);
         let mut emptied = Vec::new();
@@ -626,7 +681,7 @@ impl Dlq {
 
 /// Whether a bad frame at `pos` is a torn tail: a short read, or nothing but zeros from there
 /// to the end of the file (a crash after the file grew but before the data landed).
-fn rest_is_torn(path: &Path, pos: u64, frame: &Frame) -> Result<bool, DlqError> {
+fn rest_is_torn(path: &Path, pos: u64, frame: &Frame) -> Result<bool, LogError> {
     if *frame == Frame::Torn {
         return Ok(true);
     }
@@ -637,7 +692,7 @@ fn rest_is_torn(path: &Path, pos: u64, frame: &Frame) -> Result<bool, DlqError> 
     Ok(rest.iter().all(|b| *b == 0))
 }
 
-fn sync_dir(dir: &Path) -> Result<(), DlqError> {
+fn sync_dir(dir: &Path) -> Result<(), LogError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_err(dir))
@@ -651,7 +706,7 @@ mod tests {
         Options {
             max_bytes: 1 << 20,
             segment_bytes: 4096,
-            sync: true,
+            ..crate::dlq::options_for(1 << 20, 4096)
         }
     }
 
@@ -673,7 +728,7 @@ mod tests {
     #[test]
     fn append_read_delete_survive_reopen() {
         let dir = tempfile::tempdir().expect("tmp");
-        let (mut q, r) = Dlq::open(dir.path(), opts(), true).expect("open");
+        let (mut q, r) = SegLog::open(dir.path(), opts(), true).expect("open");
         assert_eq!(r, Recovery::default());
         let a = q
             .append(&meta(Kind::RetriesExhausted, 2), b"m v=1 1\nm v=2 2\n")
@@ -688,10 +743,10 @@ mod tests {
             (2, 2, 1)
         );
         q.delete(std::slice::from_ref(&a)).expect("delete");
-        assert!(matches!(q.read(&a), Err(DlqError::NotFound(_))));
+        assert!(matches!(q.read(&a), Err(LogError::NotFound(_))));
         drop(q);
 
-        let (q, r) = Dlq::open(dir.path(), opts(), true).expect("reopen");
+        let (q, r) = SegLog::open(dir.path(), opts(), true).expect("reopen");
         assert_eq!((r.records, r.deleted, r.torn_bytes), (1, 1, 0));
         let ids: Vec<&str> = q.entries().map(|e| e.id.as_str()).collect();
         assert_eq!(ids, vec![b.as_str()], "ids are stable across restarts");
@@ -701,13 +756,13 @@ mod tests {
     #[test]
     fn the_lock_keeps_a_second_writer_out() {
         let dir = tempfile::tempdir().expect("tmp");
-        let (_q, _) = Dlq::open(dir.path(), opts(), true).expect("open");
+        let (_q, _) = SegLog::open(dir.path(), opts(), true).expect("open");
         assert!(matches!(
-            Dlq::open(dir.path(), opts(), true),
-            Err(DlqError::Locked { .. })
+            SegLog::open(dir.path(), opts(), true),
+            Err(LogError::Locked { .. })
         ));
         assert!(
-            Dlq::open(dir.path(), opts(), false).is_ok(),
+            SegLog::open(dir.path(), opts(), false).is_ok(),
             "readers need no lock"
         );
     }
@@ -717,16 +772,15 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let small = Options {
             max_bytes: 600,
-            segment_bytes: 4096,
-            sync: true,
+            ..opts()
         };
-        let (mut q, _) = Dlq::open(dir.path(), small, true).expect("open");
+        let (mut q, _) = SegLog::open(dir.path(), small, true).expect("open");
         q.append(&meta(Kind::RetriesExhausted, 1), &[b'x'; 200])
             .expect("fits");
         let before = q.stats();
         assert!(matches!(
             q.append(&meta(Kind::RetriesExhausted, 1), &[b'x'; 400]),
-            Err(DlqError::Full { .. })
+            Err(LogError::Full { .. })
         ));
         assert_eq!(q.stats(), before);
     }
@@ -734,7 +788,7 @@ mod tests {
     #[test]
     fn segments_rotate_and_emptied_ones_are_removed() {
         let dir = tempfile::tempdir().expect("tmp");
-        let (mut q, _) = Dlq::open(dir.path(), opts(), true).expect("open");
+        let (mut q, _) = SegLog::open(dir.path(), opts(), true).expect("open");
         let ids: Vec<String> = (0..20)
             .map(|_| {
                 q.append(&meta(Kind::RetriesExhausted, 1), &[b'x'; 900])
@@ -760,7 +814,7 @@ mod tests {
             "segments without live records are gone"
         );
         drop(q);
-        let (q, r) = Dlq::open(dir.path(), opts(), true).expect("reopen");
+        let (q, r) = SegLog::open(dir.path(), opts(), true).expect("reopen");
         assert_eq!(r.records, 4);
         assert_eq!(q.entries().count(), 4);
     }
@@ -768,7 +822,7 @@ mod tests {
     #[test]
     fn recovery_cuts_a_torn_tail_and_reports_damage() {
         let dir = tempfile::tempdir().expect("tmp");
-        let (mut q, _) = Dlq::open(dir.path(), opts(), true).expect("open");
+        let (mut q, _) = SegLog::open(dir.path(), opts(), true).expect("open");
         let a = q
             .append(&meta(Kind::RetriesExhausted, 1), b"m v=1 1\n")
             .expect("append");
@@ -780,7 +834,7 @@ mod tests {
         // A crash in the middle of the second record.
         let f = OpenOptions::new().write(true).open(&seg).expect("open");
         f.set_len(len - 5).expect("truncate");
-        let (mut q, r) = Dlq::open(dir.path(), opts(), true).expect("reopen");
+        let (mut q, r) = SegLog::open(dir.path(), opts(), true).expect("reopen");
         assert_eq!(r.records, 1);
         assert!(r.torn_bytes > 0 && r.damaged.is_empty(), "{r:?}");
         assert_eq!(
@@ -791,11 +845,11 @@ mod tests {
         q.append(&meta(Kind::RetriesExhausted, 1), b"m v=3 3\n")
             .expect("append");
         drop(q);
-        let (_, r) = Dlq::open(dir.path(), opts(), true).expect("reopen");
+        let (_, r) = SegLog::open(dir.path(), opts(), true).expect("reopen");
         assert_eq!((r.records, r.torn_bytes), (2, 0));
 
         // A flipped bit in a sealed segment is reported, not silently skipped.
-        let (mut q, _) = Dlq::open(dir.path(), opts(), true).expect("open");
+        let (mut q, _) = SegLog::open(dir.path(), opts(), true).expect("open");
         for _ in 0..8 {
             q.append(&meta(Kind::RetriesExhausted, 1), &[b'y'; 900])
                 .expect("append");
@@ -804,21 +858,21 @@ mod tests {
         let mut bytes = fs::read(&seg).expect("read");
         bytes[20] ^= 0x01;
         fs::write(&seg, bytes).expect("write");
-        let (_, r) = Dlq::open(dir.path(), opts(), true).expect("reopen");
+        let (_, r) = SegLog::open(dir.path(), opts(), true).expect("reopen");
         assert_eq!(r.damaged.len(), 1, "{r:?}");
     }
 
     #[test]
     fn segment_numbers_are_never_reused() {
         let dir = tempfile::tempdir().expect("tmp");
-        let (mut q, _) = Dlq::open(dir.path(), opts(), true).expect("open");
+        let (mut q, _) = SegLog::open(dir.path(), opts(), true).expect("open");
         // A record larger than a segment: after a restart that segment is full, not active, and
         // deleting its record removes it, so no segment file is left at all.
         let ids = vec![q
             .append(&meta(Kind::RetriesExhausted, 1), &[b'x'; 5000])
             .expect("append")];
         drop(q);
-        let (mut q, _) = Dlq::open(dir.path(), opts(), true).expect("reopen");
+        let (mut q, _) = SegLog::open(dir.path(), opts(), true).expect("reopen");
         q.delete(&ids).expect("delete");
         // deleted.log still names 1-8 until the next open compacts it.
         let id = q
@@ -835,7 +889,7 @@ mod tests {
             "{id} reuses a segment number of {ids:?}"
         );
         drop(q);
-        let (q, _) = Dlq::open(dir.path(), opts(), true).expect("reopen");
+        let (q, _) = SegLog::open(dir.path(), opts(), true).expect("reopen");
         assert_eq!(
             q.entries().map(|e| e.id.clone()).collect::<Vec<_>>(),
             vec![id],
@@ -846,7 +900,7 @@ mod tests {
     #[test]
     fn deletes_are_deduplicated_and_canonical() {
         let dir = tempfile::tempdir().expect("tmp");
-        let (mut q, _) = Dlq::open(dir.path(), opts(), true).expect("open");
+        let (mut q, _) = SegLog::open(dir.path(), opts(), true).expect("open");
         let a = q
             .append(&meta(Kind::RejectedBySink, 1), &[b'a'; 900])
             .expect("append");
@@ -865,7 +919,7 @@ mod tests {
         q.delete(&[format!("0{seq}-{off}")])
             .expect("another spelling of b");
         drop(q);
-        let (q, _) = Dlq::open(dir.path(), opts(), true).expect("reopen");
+        let (q, _) = SegLog::open(dir.path(), opts(), true).expect("reopen");
         assert!(
             q.get(&a).is_none() && q.get(&b).is_none(),
             "both stay deleted"
@@ -876,7 +930,7 @@ mod tests {
     #[test]
     fn damage_inside_the_last_segment_is_kept_not_cut() {
         let dir = tempfile::tempdir().expect("tmp");
-        let (mut q, _) = Dlq::open(dir.path(), opts(), true).expect("open");
+        let (mut q, _) = SegLog::open(dir.path(), opts(), true).expect("open");
         let a = q
             .append(&meta(Kind::RetriesExhausted, 1), b"m v=1 1\n")
             .expect("append");
@@ -891,7 +945,7 @@ mod tests {
         let flip = second.min(bytes.len() - 20);
         bytes[flip] ^= 0x40;
         fs::write(&seg, &bytes).expect("write");
-        let (mut q, r) = Dlq::open(dir.path(), opts(), true).expect("reopen");
+        let (mut q, r) = SegLog::open(dir.path(), opts(), true).expect("reopen");
         assert_eq!(r.torn_bytes, 0, "acknowledged records are not cut: {r:?}");
         assert_eq!(r.damaged.len(), 1, "{r:?}");
         assert_eq!(
@@ -914,7 +968,7 @@ mod tests {
         let mut f = OpenOptions::new().append(true).open(&last).expect("open");
         f.write_all(&[0u8; 64]).expect("zeros");
         drop(f);
-        let (q, r) = Dlq::open(dir.path(), opts(), true).expect("reopen");
+        let (q, r) = SegLog::open(dir.path(), opts(), true).expect("reopen");
         assert_eq!(r.torn_bytes, 64);
         assert!(q.get(&id).is_some());
     }
@@ -945,7 +999,7 @@ mod tests {
             #[test]
             fn behaves_like_a_list(ops in proptest::collection::vec(op(), 1..60)) {
                 let dir = tempfile::tempdir().expect("tmp");
-                let (mut q, _) = Dlq::open(dir.path(), opts(), true).expect("open");
+                let (mut q, _) = SegLog::open(dir.path(), opts(), true).expect("open");
                 let mut model: Vec<(String, Vec<u8>)> = Vec::new();
                 for (n, op) in ops.into_iter().enumerate() {
                     match op {
@@ -953,7 +1007,7 @@ mod tests {
                             let data = vec![(n % 251) as u8; size];
                             match q.append(&meta(Kind::RetriesExhausted, 1), &data) {
                                 Ok(id) => model.push((id, data)),
-                                Err(DlqError::Full { .. }) => {}
+                                Err(LogError::Full { .. }) => {}
                                 Err(e) => return Err(TestCaseError::fail(e.to_string())),
                             }
                         }
@@ -964,7 +1018,7 @@ mod tests {
                         Op::Delete(_) => {}
                         Op::Reopen => {
                             drop(q);
-                            q = Dlq::open(dir.path(), opts(), true).expect("reopen").0;
+                            q = SegLog::open(dir.path(), opts(), true).expect("reopen").0;
                         }
                     }
                     let ids: Vec<&str> = q.entries().map(|e| e.id.as_str()).collect();

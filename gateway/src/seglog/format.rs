@@ -1,4 +1,4 @@
-//! The dead-letter queue's on-disk format.
+//! The segment log's on-disk format, shared by the dead-letter queue and the write-ahead log.
 //!
 //! # Design constraints
 //!
@@ -12,16 +12,19 @@
 //! # Layout
 //!
 //! ```text
-//! <dlq.dir>/
-//!   LOCK                         held (flock) by the process that writes the queue
+//! <dlq.dir> or <wal.dir>/
+//!   LOCK                         held (flock) by the process that writes the log
 //!   00000000000000000001.seg     segments, in order; a new one when the active one passes
 //!   00000000000000000002.seg     the segment size
-//!   deleted.log                  ids of records that were replayed or purged
+//!   deleted.log                  ids of records that were deleted (replayed, purged, or
+//!                                written to the sink for the write-ahead log)
 //!
 //! segment / deleted.log:
 //! +----------------------+-----------+-----------+-----------+-----------+-----
 //! | magic (8 bytes)      | record    | record    | record    | record    | ...
-//! | "GWDLQ001"/"GWDEL001"|           |           |           |           |
+//! | "GWDLQ001" (DLQ),    |           |           |           |           |
+//! | "GWWAL001" (WAL) or  |           |           |           |           |
+//! | "GWDEL001" (deleted) |           |           |           |           |
 //! +----------------------+-----------+-----------+-----------+-----------+-----
 //!
 //! record (a frame):
@@ -39,21 +42,25 @@
 //!
 //! A record's id is `<segment number>-<byte offset of its frame>`: stable for its whole life,
 //! and it says where the record is. `meta` is [`super::Meta`] as JSON; `data` is the raw MQTT
-//! payload for `rejected_input` records and line protocol otherwise.
+//! payload for `rejected_input` records and line protocol otherwise (one line per reading,
+//! timestamps included, so that a record written again is the same points).
 //!
 //! # Durability
 //!
-//! Each append is written and `fdatasync`ed before it is acknowledged to the caller (the
-//! batch is only then let go of), and a new segment's directory entry is synced when the
-//! segment is created. A power cut can therefore lose only the record whose append had not
-//! returned: its batch was still held in memory by the writer and is counted as not written.
-//! Parking is the failure path, so an fsync per record (about a millisecond on SSDs) is cheap
-//! next to the sink timeout that led to it.
+//! In the dead-letter queue each append is written and `fdatasync`ed before it is acknowledged
+//! to the caller (the batch is only then let go of), and so is each delete; a new segment's
+//! directory entry is synced when the segment is created. A power cut can therefore lose only
+//! the record whose append had not returned: its batch was still held in memory by the writer
+//! and is counted as not written. Parking is the failure path, so an fsync per record (about a
+//! millisecond on SSDs) is cheap next to the sink timeout that led to it.
+//!
+//! The write-ahead log appends one record per group of messages and syncs it once
+//! ([`super::SegLog::sync`]) before any message of the group is acknowledged; its deletes are
+//! not synced (a tombstone lost in a power cut writes a record to the sink a second time, the
+//! same points).
 
 use std::io::{self, Read, Write};
 
-/// First bytes of a segment file.
-pub const SEGMENT_MAGIC: &[u8; 8] = b"GWDLQ001";
 /// First bytes of `deleted.log`.
 pub const DELETED_MAGIC: &[u8; 8] = b"GWDEL001";
 /// Bytes before a frame's body.
