@@ -6,8 +6,9 @@ cd "$(dirname "$0")/.."
 ./scripts/install-deps.sh
 
 # The end-to-end tests run the gateway and simulator binaries, which `cargo test` alone does
-# not build.
-cargo build --locked -p gateway --bin gateway -p simulator --bin simulator
+# not build. The gateway is built with its test failpoints (FAILPOINTS, inert unless
+# set), which the crash tests use; release builds never have them.
+cargo build --locked -p gateway --bin gateway --features gateway/failpoints -p simulator --bin simulator
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --locked --workspace --no-fail-fast "$@"
 else

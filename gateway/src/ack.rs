@@ -1,15 +1,27 @@
-//! Acknowledge only when safe (external mode): an MQTT message is acknowledged to its broker
-//! once every reading it carried is written to the sink, parked in the dead-letter queue,
-//! spilled to disk, or refused with a reason. Until then the broker keeps it and gives it again
-//! to this gateway (or another member of its group) if this one goes away.
+//! Something due once a number of readings is settled (written to the sink or parked in the
+//! dead-letter queue): a message's acknowledgement with `ingest.ack = "written"`, or the
+//! release of a write-ahead log record. The readings travel in pieces (a message can be split
+//! over batches, a batch bisected), each holding a clone; the last piece settled fires it.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::metrics::Metrics;
+/// How a message ended, as its acknowledgement reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Its readings are safe (as `ingest.ack` defines safe); refused readings inside it are
+    /// counted, but the message itself was taken.
+    Accepted,
+    /// Refused whole, for this reason (a `gateway_messages_rejected_total` reason). MQTT 5
+    /// devices learn it from the PUBACK's reason code.
+    Refused(&'static str),
+}
 
 /// Sends a message's acknowledgement.
-pub type Done = Box<dyn FnOnce() + Send>;
+pub type Done = Box<dyn FnOnce(Verdict) + Send>;
+
+/// Fires once, when every reading it stands for is settled.
+pub type Settled = Box<dyn FnOnce() + Send>;
 
 /// A message's acknowledgement, shared by the pieces its readings travel in.
 #[derive(Clone)]
@@ -17,8 +29,7 @@ pub struct Ack(Arc<Inner>);
 
 struct Inner {
     remaining: AtomicU32,
-    done: Mutex<Option<Done>>,
-    metrics: Arc<Metrics>,
+    done: Mutex<Option<Settled>>,
 }
 
 impl std::fmt::Debug for Ack {
@@ -32,13 +43,11 @@ impl std::fmt::Debug for Ack {
 }
 
 impl Ack {
-    /// An acknowledgement due after `readings` readings are settled; `done` sends it.
-    pub fn new(readings: u32, metrics: Arc<Metrics>, done: impl FnOnce() + Send + 'static) -> Self {
-        metrics.unacked_messages.inc();
+    /// Due after `readings` readings are settled; `done` is what is due.
+    pub fn new(readings: u32, done: impl FnOnce() + Send + 'static) -> Self {
         Self(Arc::new(Inner {
             remaining: AtomicU32::new(readings),
             done: Mutex::new(Some(Box::new(done))),
-            metrics,
         }))
     }
 
@@ -54,7 +63,6 @@ impl Ack {
         if before > 0 && before <= readings {
             let done = self.0.done.lock().unwrap_or_else(|p| p.into_inner()).take();
             if let Some(done) = done {
-                self.0.metrics.unacked_messages.dec();
                 done();
             }
         }
@@ -68,19 +76,16 @@ mod tests {
 
     #[test]
     fn acknowledged_once_when_every_piece_is_settled() {
-        let metrics = Arc::new(Metrics::new());
         let acked = Arc::new(AtomicBool::new(false));
         let flag = acked.clone();
-        let ack = Ack::new(10, metrics.clone(), move || {
+        let ack = Ack::new(10, move || {
             assert!(!flag.swap(true, Ordering::SeqCst), "acked twice")
         });
-        assert_eq!(metrics.unacked_messages.get(), 1);
         let piece = ack.clone();
         ack.settle(4);
         assert!(!acked.load(Ordering::SeqCst));
         piece.settle(6);
         assert!(acked.load(Ordering::SeqCst));
-        assert_eq!(metrics.unacked_messages.get(), 0);
         piece.settle(1);
     }
 }

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 use crate::deliver::Deliverer;
 use crate::queue::{Chunk, QueueRx};
@@ -145,18 +146,35 @@ impl Batch {
     }
 }
 
-/// Runs until the queue is closed and drained, then waits for every write in flight.
-pub async fn run(mut rx: QueueRx, limits: BatchLimits, deliverer: Arc<Deliverer>) {
+/// Runs until the queue is closed and drained (every sender gone, or `drain`: the queue takes
+/// nothing more and what it holds is written), then waits for every write in flight.
+pub async fn run(
+    mut rx: QueueRx,
+    limits: BatchLimits,
+    deliverer: Arc<Deliverer>,
+    drain: CancellationToken,
+) {
     let in_flight = Arc::new(Semaphore::new(limits.max_in_flight));
     let mut writes = JoinSet::new();
     let mut carry: Option<Chunk> = None;
+    let mut draining = false;
     loop {
         let first = match carry.take() {
             Some(chunk) => chunk,
-            None => match rx.recv().await {
-                Some(chunk) => chunk,
-                None => break,
-            },
+            None => {
+                let next = tokio::select! {
+                    next = rx.recv() => next,
+                    _ = drain.cancelled(), if !draining => {
+                        draining = true;
+                        rx.close();
+                        continue;
+                    }
+                };
+                match next {
+                    Some(chunk) => chunk,
+                    None => break,
+                }
+            }
         };
         // Linger counts from when the batcher takes the first chunk, not from its receive time:
         // after a backlog, batches still fill up instead of leaving one by one.

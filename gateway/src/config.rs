@@ -41,7 +41,9 @@ pub enum ConfigError {
 pub struct Config {
     pub mqtt: MqttConfig,
     pub auth: AuthConfig,
+    pub ingest: IngestConfig,
     pub decode: DecodeConfig,
+    pub wal: WalSection,
     pub queue: QueueConfig,
     pub limits: LimitsConfig,
     pub batch: BatchConfig,
@@ -146,23 +148,61 @@ pub struct DecodeConfig {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct IngestConfig {
+    pub ack: AckSetting,
+}
+
+/// What a QoS 1 acknowledgement means (`ingest.ack`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AckSetting {
+    /// `durable` in embedded mode, `written` in external mode.
+    Auto,
+    Durable,
+    Written,
+    Received,
+}
+
+/// `ingest.ack` resolved for the mode: when a message is safe enough to acknowledge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ack {
+    /// In the write-ahead log and fdatasynced: survives a crash and a power cut.
+    Durable,
+    /// Written to the sink or parked in the dead-letter queue; no extra disk writes.
+    Written,
+    /// As soon as it is decoded and queued: what is in memory is lost in a crash.
+    Received,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WalSection {
+    pub dir: PathBuf,
+    pub max_bytes: ByteSize,
+    pub segment_bytes: ByteSize,
+    #[serde(with = "humantime_serde")]
+    pub commit_interval: Duration,
+    pub commit_bytes: ByteSize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct QueueConfig {
     pub max_readings: usize,
     pub max_bytes: ByteSize,
     pub when_full: WhenFull,
-    pub spill_dir: PathBuf,
-    pub spill_max_bytes: ByteSize,
 }
 
-/// What the queue does when it is full.
+/// What ingest does when there is no room: for the write-ahead log (`ingest.ack =
+/// "durable"`), when the log is full; otherwise when the queue is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum WhenFull {
-    /// Spill in embedded mode, block in external mode.
+    /// `block`.
     Auto,
-    /// Ingest waits: stop pulling (and, in external mode, acknowledging).
+    /// Ingest waits: the guard stops reading from devices (in external mode, from the broker).
     Block,
-    /// Overflow to the spill buffer on disk; drained back in order.
+    /// The spill buffer of earlier versions; the write-ahead log took its place.
     Spill,
     /// Refuse the message, counted as `queue_full`. Only when an operator chooses it.
     DropNewest,
@@ -540,8 +580,28 @@ impl Config {
             "dlq.redrive_interval must be more than 0 (for example \"1s\")".into(),
         );
         need(
-            self.queue.spill_max_bytes.as_u64() >= 1024 * 1024,
-            "queue.spill_max_bytes must be at least \"1MiB\"".into(),
+            self.queue.when_full != WhenFull::Spill,
+            "queue.when_full = \"spill\" is gone: the write-ahead log (ingest.ack = \"durable\", \
+             the default in embedded mode) keeps on disk what the queue cannot hold; use \"block\""
+                .into(),
+        );
+        let w = &self.wal;
+        need(
+            w.segment_bytes.as_u64() >= 64 * 1024,
+            "wal.segment_bytes must be at least \"64KiB\"".into(),
+        );
+        need(
+            w.max_bytes >= w.segment_bytes,
+            "wal.max_bytes must be at least wal.segment_bytes".into(),
+        );
+        need(
+            w.commit_interval <= Duration::from_secs(1),
+            "wal.commit_interval must be at most \"1s\" (every device waits for it; a few milliseconds is right)"
+                .into(),
+        );
+        need(
+            w.commit_bytes.as_u64() >= 4096,
+            "wal.commit_bytes must be at least \"4KiB\"".into(),
         );
         need(
             self.limits.device_rate == 0 || self.limits.device_burst >= 1,
@@ -565,13 +625,9 @@ impl Config {
             );
         }
         need(
-            !m.direct
-                || (self.auth.anonymous
-                    && m.tls_listen.is_none()
-                    && self.limits.connection_rate == 0),
-            "mqtt.direct = true leaves out the guard, and with it authentication, TLS and the \
-             connection rate: it needs auth.anonymous = true, no mqtt.tls_listen and \
-             limits.connection_rate = 0"
+            !m.direct,
+            "mqtt.direct = true is gone: the guard now takes telemetry in itself, which is both \
+             faster and safe (a PUBACK means the reading is on disk); remove the setting"
                 .into(),
         );
         need(
@@ -613,12 +669,25 @@ impl Config {
         }
     }
 
-    /// `queue.when_full` with `auto` resolved for the configured mode.
-    pub fn when_full(&self) -> WhenFull {
-        match (self.queue.when_full, self.mqtt.mode) {
-            (WhenFull::Auto, MqttMode::Embedded) => WhenFull::Spill,
-            (WhenFull::Auto, MqttMode::External) => WhenFull::Block,
-            (chosen, _) => chosen,
+    /// `ingest.ack` with `auto` resolved for the configured mode. External mode's broker
+    /// keeps what is not acknowledged, so acknowledging once written costs no safety there.
+    pub fn ack(&self) -> Ack {
+        match (self.ingest.ack, self.mqtt.mode) {
+            (AckSetting::Auto, MqttMode::Embedded) | (AckSetting::Durable, _) => Ack::Durable,
+            (AckSetting::Auto, MqttMode::External) | (AckSetting::Written, _) => Ack::Written,
+            (AckSetting::Received, _) => Ack::Received,
+        }
+    }
+
+    /// The write-ahead log's settings.
+    pub fn wal(&self) -> crate::wal::WalConfig {
+        let w = &self.wal;
+        crate::wal::WalConfig {
+            dir: w.dir.clone(),
+            max_bytes: w.max_bytes.as_u64(),
+            segment_bytes: w.segment_bytes.as_u64(),
+            commit_interval: w.commit_interval,
+            commit_bytes: w.commit_bytes.as_u64() as usize,
         }
     }
 
@@ -680,6 +749,17 @@ mod tests {
         assert_eq!(c.batch.linger, Duration::from_millis(200));
         assert_eq!(c.decode.max_payload_bytes, ByteSize::kib(256));
         assert_eq!(c.admin.listen, "127.0.0.1:9184".parse().expect("addr"));
+        assert_eq!(c.ack(), Ack::Durable, "a PUBACK means on disk by default");
+        assert_eq!(c.wal.commit_interval, Duration::from_millis(2));
+        let external = Config::from_toml("[mqtt]\nmode = \"external\"\n").expect("valid");
+        assert_eq!(
+            external.ack(),
+            Ack::Written,
+            "the broker keeps what is not acknowledged"
+        );
+        let chosen = Config::from_toml(&format!("{ANONYMOUS}[ingest]\nack = \"received\"\n"))
+            .expect("valid");
+        assert_eq!(chosen.ack(), Ack::Received);
     }
 
     #[test]
@@ -720,7 +800,8 @@ mod tests {
     #[test]
     fn every_section_is_validated() {
         let err = Config::from_toml(
-            "[dlq]\nsegment_bytes = 1000\nredrive_rate = 0\n[queue]\nspill_max_bytes = 10\n\
+            "[dlq]\nsegment_bytes = 1000\nredrive_rate = 0\n[queue]\nwhen_full = \"spill\"\n\
+             [wal]\nsegment_bytes = 1000\ncommit_interval = \"5s\"\ncommit_bytes = 1\n\
              [limits]\ndevice_rate = 5\n[self_metrics]\ninterval = \"10ms\"\nmeasurement = \"\"",
         )
         .expect_err("invalid")
@@ -728,7 +809,10 @@ mod tests {
         for key in [
             "dlq.segment_bytes",
             "dlq.redrive_rate",
-            "queue.spill_max_bytes",
+            "queue.when_full = \"spill\" is gone",
+            "wal.segment_bytes",
+            "wal.commit_interval",
+            "wal.commit_bytes",
             "limits.device_burst",
             "self_metrics.interval",
             "self_metrics.measurement",
@@ -761,12 +845,10 @@ mod tests {
 
     #[test]
     fn security_settings_are_validated_together() {
-        let err = Config::from_toml("[mqtt]\ndirect = true\n")
-            .expect_err("direct without anonymous")
+        let err = Config::from_toml(&format!("{ANONYMOUS}[mqtt]\ndirect = true\n"))
+            .expect_err("direct is gone")
             .to_string();
-        assert!(err.contains("mqtt.direct = true"), "{err}");
-        Config::from_toml(&format!("{ANONYMOUS}[mqtt]\ndirect = true\n"))
-            .expect("direct with anonymous devices");
+        assert!(err.contains("mqtt.direct = true is gone"), "{err}");
         let err = Config::from_toml(&format!(
             "{ANONYMOUS}[mqtt]\ntls_listen = \"127.0.0.1:8883\"\ntls_client_ca_file = \"ca.pem\"\n"
         ))

@@ -28,7 +28,7 @@ pub mod retry;
 pub mod seglog;
 pub mod selfmetrics;
 pub mod sink;
-pub mod spill;
+pub mod wal;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -50,8 +50,19 @@ pub enum RunError {
     Sink(#[from] sink::BuildError),
     #[error("mqtt.topic: {0}")]
     Topic(#[from] decode::topic::PatternError),
-    #[error("dlq.dir or queue.spill_dir: {0}")]
+    #[error("dlq.dir: {0}")]
     Dlq(#[from] dlq::DlqError),
+    #[error(transparent)]
+    Wal(#[from] wal::WalError),
+}
+
+/// How long device connections may take to receive their last acknowledgements at shutdown.
+const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The running ingest mode.
+enum Ingest {
+    Embedded(ingest::embedded::Embedded),
+    External(ingest::external::External),
 }
 
 /// Opens the dead-letter queue for writing, reporting what recovery found.
@@ -118,7 +129,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<L
         linger: config.batch.linger,
         max_in_flight: s.max_in_flight,
     };
-    let batcher = tokio::spawn(batch::run(queue_rx, limits, deliverer.clone()));
+    let drain = CancellationToken::new();
+    let batcher = tokio::spawn(batch::run(
+        queue_rx,
+        limits,
+        deliverer.clone(),
+        drain.clone(),
+    ));
 
     let background_stop = CancellationToken::new();
     if config.self_metrics.enabled {
@@ -178,82 +195,83 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<L
             metrics.clone(),
         )
     });
-    let drain_stop = CancellationToken::new();
-    let (overflow, spill, drainer) = match config.when_full() {
-        WhenFull::Block | WhenFull::Auto => (ingest::Overflow::Block, None, None),
-        WhenFull::DropNewest => (ingest::Overflow::DropNewest, None, None),
-        WhenFull::Spill => {
-            let spill = spill::Spill::open(
-                &config.queue.spill_dir,
-                config.queue.spill_max_bytes.as_u64(),
-                metrics.clone(),
-            )?;
-            let drainer = tokio::spawn(spill::drain(
-                spill.clone(),
-                queue_tx.clone(),
-                drain_stop.clone(),
-            ));
+    let ack = config.ack();
+    if ack == config::Ack::Received {
+        warn!("ingest.ack = \"received\": messages are acknowledged before they are safe; what is in memory is lost if the gateway crashes");
+    }
+    let feed_stop = CancellationToken::new();
+    let (safe, mut wal) = match ack {
+        config::Ack::Durable => {
+            let (wal, committer) = wal::Wal::open(config.wal(), queue_tx.clone(), metrics.clone())?;
+            let feeder = tokio::spawn(wal.clone().feed(queue_tx.clone(), feed_stop.clone()));
+            info!(dir = %config.wal.dir.display(), commit_interval = ?config.wal.commit_interval, "acknowledging once in the write-ahead log and synced");
             (
-                ingest::Overflow::Spill(spill.clone()),
-                Some(spill),
-                Some(drainer),
+                ingest::Safe::Durable(wal.clone()),
+                Some((wal, committer, feeder)),
             )
         }
+        config::Ack::Written => (ingest::Safe::Written, None),
+        config::Ack::Received => (ingest::Safe::Received, None),
     };
     let limiter = (config.limits.device_rate > 0).then(|| {
         ingest::limit::RateLimiter::new(config.limits.device_rate, config.limits.device_burst)
     });
     let filter = pattern.filter();
     let intake = ingest::Intake::new(
-        decode::Decoder::new(config.limits(), pattern),
+        config.limits(),
+        pattern,
         queue_tx,
+        safe,
+        config.queue.when_full != WhenFull::DropNewest,
         metrics.clone(),
         rejects,
-        overflow,
         limiter,
     );
     let ingest_stop = CancellationToken::new();
-    // External mode's event loop outlives its intake: it sends the acknowledgements of what
-    // is still being written after input stops.
-    let mut broker_events = None;
     let mut ingest = match config.mqtt.mode {
-        MqttMode::Embedded => {
-            let embedded =
-                ingest::embedded::start(&config, metrics.clone(), ingest_stop.clone()).await?;
-            tokio::spawn(embedded.run(intake, metrics.clone(), ingest_stop.clone()))
-        }
-        MqttMode::External => {
-            let external = ingest::external::start(
-                &config,
-                intake,
-                filter,
-                metrics.clone(),
-                ingest_stop.clone(),
-            )?;
-            broker_events = Some((external.events, external.finish));
-            external.intake
-        }
+        MqttMode::Embedded => Ingest::Embedded(
+            ingest::embedded::start(&config, Arc::new(intake), metrics.clone()).await?,
+        ),
+        MqttMode::External => Ingest::External(ingest::external::start(
+            &config,
+            intake,
+            filter,
+            metrics.clone(),
+            ingest_stop.clone(),
+        )?),
     };
-    info!(sink = %s.url, api = ?s.api, admin = %config.admin.listen, "gateway running");
+    info!(sink = %s.url, api = ?s.api, admin = %config.admin.listen, ack = ?ack, "gateway running");
 
-    tokio::select! {
-        _ = shutdown => info!("shutdown requested: no more input, flushing what is held"),
-        _ = &mut ingest => error!("ingest stopped on its own; flushing what is held"),
-    }
-    ingest_stop.cancel();
-    let _ = ingest.await;
-    let flush_deadline = tokio::time::Instant::now() + config.shutdown.timeout;
-    if let (Some(spill), Some(drainer)) = (spill, drainer) {
-        // Let the spill drain into the queue while there is time; what is left stays on disk
-        // for the next start.
-        while spill.is_active() && tokio::time::Instant::now() < flush_deadline {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    // Shutdown, in the reverse order of the flow: stop taking input; sync and acknowledge what
+    // was taken; drain the queue into the sink (parking what cannot be written by the
+    // deadline); release what was written; then close the device connections and the broker
+    // session, which carry the last acknowledgements.
+    match &mut ingest {
+        Ingest::Embedded(_) => {
+            shutdown.await;
+            info!("shutdown requested: no more input, flushing what is held");
         }
-        drain_stop.cancel();
-        let _ = drainer.await;
-        spill.persist(Vec::new());
+        Ingest::External(external) => tokio::select! {
+            _ = shutdown => info!("shutdown requested: no more input, flushing what is held"),
+            _ = &mut external.intake => error!("ingest stopped on its own; flushing what is held"),
+        },
     }
-    // Ingest and the drainer held the only queue senders: now the batcher drains and returns.
+    match &mut ingest {
+        Ingest::Embedded(embedded) => embedded.stop_reading().await,
+        Ingest::External(external) => {
+            ingest_stop.cancel();
+            let _ = (&mut external.intake).await;
+        }
+    }
+    let flush_deadline = tokio::time::Instant::now() + config.shutdown.timeout;
+    if let Some((wal, _, feeder)) = &mut wal {
+        // What is on disk and not yet in the queue stays there for the next start; the last
+        // group is synced and acknowledged.
+        feed_stop.cancel();
+        let _ = feeder.await;
+        wal.close().await;
+    }
+    drain.cancel();
     let mut batcher = batcher;
     if tokio::time::timeout_at(flush_deadline, &mut batcher)
         .await
@@ -262,6 +280,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<L
         warn!(timeout = ?config.shutdown.timeout, "flush is taking too long; retries stop now");
         deliverer.stop_retrying();
         let _ = tokio::time::timeout(s.timeout * 2, &mut batcher).await;
+    }
+    if let Some((wal, committer, _)) = wal {
+        // The tombstones of what the drain wrote.
+        wal.finish();
+        let _ = tokio::task::spawn_blocking(move || committer.join()).await;
     }
     background_stop.cancel();
     if let Some(redrive) = redrive {
@@ -275,16 +298,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<L
             ?ledger,
             "stopped with readings neither written nor parked (see the errors above)"
         );
-    } else if ledger.in_dlq + ledger.spilled > 0 {
-        warn!(?ledger, dlq = %config.dlq.dir.display(), spill = %config.queue.spill_dir.display(), "stopped; some readings wait in the dead-letter queue or the spill buffer");
+    } else if ledger.in_dlq + ledger.in_log > 0 {
+        warn!(?ledger, dlq = %config.dlq.dir.display(), wal = %config.wal.dir.display(), "stopped; some readings wait in the dead-letter queue or the write-ahead log (written first at the next start)");
     } else {
         info!(?ledger, "stopped: every accepted reading was written");
     }
-    if let Some((events, finish)) = broker_events {
-        // Acknowledgements of the last writes are on their way; then leave the session.
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        finish.cancel();
-        let _ = events.await;
+    match ingest {
+        Ingest::Embedded(embedded) => embedded.close(CLOSE_GRACE).await,
+        Ingest::External(external) => {
+            // Acknowledgements of the last writes are on their way; then leave the session.
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            external.finish.cancel();
+            let _ = external.events.await;
+        }
     }
     admin_stop.cancel();
     let _ = admin.await;

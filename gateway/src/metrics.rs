@@ -1,7 +1,7 @@
 //! Self-metrics (CONTRACT §4 names) and the ledger they prove.
 //!
 //! Ledger ([`Ledger`]):
-//! `accepted + inherited = written + in the DLQ + expired + spilled + queued + in flight`.
+//! `accepted + inherited = written + in the DLQ + expired + in the log + queued + in flight`.
 //! Each reading moves between the right-hand terms with counter steps in the task that moves it,
 //! so a scrape sees the ledger balanced up to the reading being moved at that instant.
 
@@ -63,11 +63,15 @@ pub struct Metrics {
     pub self_metrics_failed: Counter,
     pub unacked_messages: Gauge,
     pub messages_redelivered: Counter,
-    pub spill_readings: Gauge,
-    pub spill_bytes: Gauge,
-    pub spill_inherited_readings: Gauge,
-    pub spill_readings_total: Counter,
-    pub spill_drained_readings: Counter,
+    pub wal_readings: Gauge,
+    pub wal_inherited_readings: Gauge,
+    pub wal_bytes: Gauge,
+    pub wal_records: Gauge,
+    pub wal_full: Gauge,
+    pub wal_syncs: Counter,
+    pub wal_bytes_written: Counter,
+    pub wal_sync_duration: Histogram,
+    pub wal_fed_readings: Counter,
     pub device_connections: Gauge,
     pub ingest_paused: Counter,
     pub connections_refused: Family<Reason, Counter>,
@@ -115,11 +119,15 @@ impl Metrics {
             self_metrics_failed: Counter::default(),
             unacked_messages: Gauge::default(),
             messages_redelivered: Counter::default(),
-            spill_readings: Gauge::default(),
-            spill_bytes: Gauge::default(),
-            spill_inherited_readings: Gauge::default(),
-            spill_readings_total: Counter::default(),
-            spill_drained_readings: Counter::default(),
+            wal_readings: Gauge::default(),
+            wal_inherited_readings: Gauge::default(),
+            wal_bytes: Gauge::default(),
+            wal_records: Gauge::default(),
+            wal_full: Gauge::default(),
+            wal_syncs: Counter::default(),
+            wal_bytes_written: Counter::default(),
+            wal_sync_duration: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+            wal_fed_readings: Counter::default(),
             device_connections: Gauge::default(),
             ingest_paused: Counter::default(),
             connections_refused: Family::default(),
@@ -282,7 +290,7 @@ impl Metrics {
         );
         r.register(
             "gateway_unacked_messages",
-            "External mode: messages received and not yet acknowledged to the broker",
+            "Messages received whose acknowledgement (PUBACK) has not gone out yet",
             m.unacked_messages.clone(),
         );
         r.register(
@@ -296,29 +304,49 @@ impl Metrics {
             m.self_metrics_failed.clone(),
         );
         r.register(
-            "gateway_spill_readings",
-            "Accepted readings in the spill buffer (on disk or about to be), waiting for queue room",
-            m.spill_readings.clone(),
+            "gateway_wal_readings",
+            "Accepted readings held only by the write-ahead log (not yet in the queue)",
+            m.wal_readings.clone(),
         );
         r.register(
-            "gateway_spill_bytes",
-            "Bytes of the spill buffer, disk and memory",
-            m.spill_bytes.clone(),
+            "gateway_wal_inherited_readings",
+            "Readings that were in the write-ahead log when this process started (replayed first)",
+            m.wal_inherited_readings.clone(),
         );
         r.register(
-            "gateway_spill_inherited_readings",
-            "Readings that were in the spill buffer when this process started",
-            m.spill_inherited_readings.clone(),
+            "gateway_wal_bytes",
+            "Bytes of the write-ahead log's segment files",
+            m.wal_bytes.clone(),
         );
         r.register(
-            "gateway_spilled_readings",
-            "Readings spilled to disk because the queue was full",
-            m.spill_readings_total.clone(),
+            "gateway_wal_records",
+            "Records in the write-ahead log not yet released (written or parked)",
+            m.wal_records.clone(),
         );
         r.register(
-            "gateway_spill_drained_readings",
-            "Readings moved from the spill buffer back into the queue",
-            m.spill_drained_readings.clone(),
+            "gateway_wal_full",
+            "1 while the write-ahead log is at wal.max_bytes and devices wait (push-back)",
+            m.wal_full.clone(),
+        );
+        r.register(
+            "gateway_wal_syncs",
+            "fdatasyncs of the write-ahead log: one per group of messages acknowledged together",
+            m.wal_syncs.clone(),
+        );
+        r.register(
+            "gateway_wal_written_bytes",
+            "Bytes of line protocol written to the write-ahead log",
+            m.wal_bytes_written.clone(),
+        );
+        r.register(
+            "gateway_wal_sync_duration_seconds",
+            "Time to write and fdatasync one group of messages",
+            m.wal_sync_duration.clone(),
+        );
+        r.register(
+            "gateway_wal_fed_readings",
+            "Readings read back from the write-ahead log into the queue (after a restart, or when the queue was full)",
+            m.wal_fed_readings.clone(),
         );
         r.register(
             "gateway_device_connections",
@@ -327,7 +355,7 @@ impl Metrics {
         );
         r.register(
             "gateway_ingest_paused",
-            "Times a device connection waited because half the embedded broker's log was unread (push-back)",
+            "Times ingest waited for room in the write-ahead log or the queue (push-back)",
             m.ingest_paused.clone(),
         );
         r.register(
@@ -377,12 +405,12 @@ impl Metrics {
     pub fn ledger(&self) -> Ledger {
         Ledger {
             accepted: self.readings_accepted.get(),
-            inherited: (self.dlq_inherited_readings.get() + self.spill_inherited_readings.get())
+            inherited: (self.dlq_inherited_readings.get() + self.wal_inherited_readings.get())
                 .max(0) as u64,
             written: self.sink_readings_written.get(),
             in_dlq: self.dlq_readings.get().max(0) as u64,
             expired: self.dlq_expired_readings.get(),
-            spilled: self.spill_readings.get().max(0) as u64,
+            in_log: self.wal_readings.get().max(0) as u64,
             queued: self.queue_readings.get().max(0) as u64,
             in_flight: self.readings_in_flight.get().max(0) as u64,
         }
@@ -395,10 +423,10 @@ impl Default for Metrics {
     }
 }
 
-/// `accepted + inherited = written + in_dlq + expired + spilled + queued + in_flight`: every
-/// reading this process accepted, plus those it found in the dead-letter queue and the spill
-/// buffer at start, is written, parked, deleted by the retention the operator set, waiting on
-/// disk for queue room, or on its way.
+/// `accepted + inherited = written + in_dlq + expired + in_log + queued + in_flight`: every
+/// reading this process accepted, plus those it found in the dead-letter queue and the
+/// write-ahead log at start, is written, parked, deleted by the retention the operator set,
+/// waiting in the write-ahead log for queue room, or on its way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ledger {
     pub accepted: u64,
@@ -406,7 +434,7 @@ pub struct Ledger {
     pub written: u64,
     pub in_dlq: u64,
     pub expired: u64,
-    pub spilled: u64,
+    pub in_log: u64,
     pub queued: u64,
     pub in_flight: u64,
 }
@@ -417,7 +445,7 @@ impl Ledger {
             == self.written
                 + self.in_dlq
                 + self.expired
-                + self.spilled
+                + self.in_log
                 + self.queued
                 + self.in_flight
     }

@@ -55,8 +55,9 @@ pub fn bounded(max_readings: usize, max_bytes: usize, metrics: Arc<Metrics>) -> 
         max_readings,
         max_bytes,
     });
-    // Every chunk holds at least one reading, so the reading permits bound this channel too.
-    let (tx, rx) = mpsc::channel(max_readings.clamp(1, 1 << 20) as usize);
+    // Every chunk holds at least one reading permit, so a sender with permits always finds
+    // room in the channel (which allocates as it fills, not up front).
+    let (tx, rx) = mpsc::channel(max_readings.max(1) as usize);
     (
         QueueTx {
             tx,
@@ -122,6 +123,43 @@ impl QueueTx {
         self.send(chunk, r, b, newly_accepted).await
     }
 
+    /// Enqueues all of `chunks` if there is room for all of them now, or none of them: the
+    /// write-ahead log moves whole records into the queue. Does not wait.
+    pub fn try_push_all(&self, chunks: Vec<Chunk>) -> Result<(), Vec<Chunk>> {
+        let (mut readings, mut bytes) = (0u32, 0u32);
+        for chunk in &chunks {
+            let (r, b) = self.capacity.cost(chunk);
+            readings = readings.saturating_add(r);
+            bytes = bytes.saturating_add(b);
+        }
+        // A record larger than the whole queue goes in piece by piece (from the log), not here.
+        let c = &self.capacity;
+        let Ok(r) = c.readings.try_acquire_many(readings) else {
+            return Err(chunks);
+        };
+        let Ok(b) = c.bytes.try_acquire_many(bytes) else {
+            return Err(chunks);
+        };
+        // The consumer gives back each chunk's cost when it takes it.
+        r.forget();
+        b.forget();
+        let mut chunks = chunks.into_iter();
+        while let Some(chunk) = chunks.next() {
+            let (n, len) = (chunk.readings, chunk.lines.len());
+            if let Err(e) = self.tx.try_send(chunk) {
+                // Only when the consumer is gone (shutdown): the rest stays in the log.
+                let mut back = vec![match e {
+                    mpsc::error::TrySendError::Full(c) | mpsc::error::TrySendError::Closed(c) => c,
+                }];
+                back.extend(chunks);
+                return Err(back);
+            }
+            self.metrics.queue_readings.inc_by(i64::from(n));
+            self.metrics.queue_bytes.inc_by(len as i64);
+        }
+        Ok(())
+    }
+
     async fn send(
         &self,
         chunk: Chunk,
@@ -159,6 +197,11 @@ impl QueueRx {
         let chunk = self.rx.recv().await?;
         self.taken(&chunk);
         Some(chunk)
+    }
+
+    /// Takes nothing more; what the queue holds can still be received.
+    pub fn close(&mut self) {
+        self.rx.close();
     }
 
     fn taken(&self, chunk: &Chunk) {

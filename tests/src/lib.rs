@@ -336,7 +336,7 @@ impl Gateway {
             .env("GATEWAY_MQTT__LISTEN_V5", format!("127.0.0.1:{mqtt5_port}"))
             .env("GATEWAY_ADMIN__LISTEN", format!("127.0.0.1:{admin_port}"))
             .env("GATEWAY_DLQ__DIR", dir.path().join("dlq"))
-            .env("GATEWAY_QUEUE__SPILL_DIR", dir.path().join("spill"))
+            .env("GATEWAY_WAL__DIR", dir.path().join("wal"))
             .env("GATEWAY_LOG__FORMAT", "json")
             .env(
                 "GATEWAY_LOG__LEVEL",
@@ -358,8 +358,8 @@ impl Gateway {
                 dir.path().join("dlq").display().to_string(),
             ),
             (
-                "GATEWAY_QUEUE__SPILL_DIR".into(),
-                dir.path().join("spill").display().to_string(),
+                "GATEWAY_WAL__DIR".into(),
+                dir.path().join("wal").display().to_string(),
             ),
         ];
         all_env.extend(env.iter().map(|(k, v)| (k.to_string(), v.clone())));
@@ -470,7 +470,7 @@ impl Gateway {
             anyhow::ensure!(
                 g("gateway_queue_readings") == 0.0
                     && g("gateway_readings_in_flight") == 0.0
-                    && g("gateway_spill_readings") == 0.0
+                    && g("gateway_wal_readings") == 0.0
                     && received == previous,
                 "queued {} in flight {}, {received} messages received so far",
                 g("gateway_queue_readings"),

@@ -1,5 +1,5 @@
-//! Bursts without loss: a full queue spills to disk and drains back in order, memory stays
-//! bounded, a per-device rate limit refuses with a counted reason.
+//! Bursts without loss: what the queue cannot hold waits in the write-ahead log and comes back
+//! in order, memory stays bounded, a per-device rate limit refuses with a counted reason.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -26,7 +26,7 @@ async fn settled(gw: &Gateway, accepted: f64, within: Duration) -> HashMap<Strin
         let m = gw.metrics().await?;
         let busy = get(&m, "gateway_queue_readings")
             + get(&m, "gateway_readings_in_flight")
-            + get(&m, "gateway_spill_readings")
+            + get(&m, "gateway_wal_readings")
             + get(&m, "gateway_dlq_readings");
         anyhow::ensure!(
             busy == 0.0 && get(&m, "gateway_sink_readings_written_total") == accepted,
@@ -45,7 +45,7 @@ async fn a_million_readings_through_a_throttled_sink() {
     let vm = VictoriaMetrics::start().await;
     let proxy = FaultProxy::start(&vm.url).await;
     proxy.set(Fault::Throttle(20_000));
-    // Default sizing: queue 500,000 readings / 128 MiB, broker log 4 × 32 MiB, spill on.
+    // Default sizing: queue 500,000 readings / 128 MiB, write-ahead log 1 GiB.
     let gw = Gateway::start(&[("GATEWAY_SINK__URL", proxy.url.clone())]).await;
     let fleet = fleet(1_000, 10, 100, "burst", Encoding::Cbor);
     let took = publish_fleet(gw.mqtt_port, fleet).await;
@@ -53,9 +53,9 @@ async fn a_million_readings_through_a_throttled_sink() {
     let m = settled(&gw, 1_000_000.0, Duration::from_secs(240)).await;
     let rss = gw.peak_rss();
     eprintln!(
-        "peak RSS {:.1} MiB; spilled {} readings; broker dropped {}",
+        "peak RSS {:.1} MiB; {} readings read back from the log; broker dropped {}",
         rss as f64 / 1048576.0,
-        get(&m, "gateway_spilled_readings_total"),
+        get(&m, "gateway_wal_fed_readings_total"),
         get(&m, "gateway_broker_dropped_total")
     );
     assert_eq!(
@@ -64,12 +64,8 @@ async fn a_million_readings_through_a_throttled_sink() {
         "default sizing loses nothing in the broker"
     );
     assert!(
-        get(&m, "gateway_spilled_readings_total") > 0.0,
-        "the queue filled and the spill took the rest"
-    );
-    assert_eq!(
-        get(&m, "gateway_spilled_readings_total"),
-        get(&m, "gateway_spill_drained_readings_total")
+        get(&m, "gateway_wal_fed_readings_total") > 0.0,
+        "the queue filled and the rest waited in the log"
     );
     // Stated bound: queue bytes (128 MiB) + the broker's log (128 MiB) + 128 MiB for the rest.
     assert!(
@@ -86,7 +82,7 @@ async fn a_million_readings_through_a_throttled_sink() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn spill_keeps_the_order_of_a_device() {
+async fn the_log_keeps_the_order_of_a_device() {
     let influx = Influx1::start("telemetry").await;
     let proxy = FaultProxy::start(&influx.url).await;
     proxy.set(Fault::Throttle(20_000));
@@ -94,7 +90,7 @@ async fn spill_keeps_the_order_of_a_device() {
         ("GATEWAY_SINK__API", "v1".into()),
         ("GATEWAY_SINK__URL", proxy.url.clone()),
         ("GATEWAY_SINK__DATABASE", "telemetry".into()),
-        // Writes in order, and a small queue so that most of the burst goes through the spill.
+        // Writes in order, and a small queue so that most of the burst waits in the log.
         ("GATEWAY_SINK__MAX_IN_FLIGHT", "1".into()),
         ("GATEWAY_QUEUE__MAX_READINGS", "2000".into()),
     ])
@@ -107,8 +103,8 @@ async fn spill_keeps_the_order_of_a_device() {
     probe.await.expect("task").expect("probe published");
     let m = settled(&gw, 40_300.0, Duration::from_secs(120)).await;
     assert!(
-        get(&m, "gateway_spilled_readings_total") > 10_000.0,
-        "the spill was used: {m:?}"
+        get(&m, "gateway_wal_fed_readings_total") > 10_000.0,
+        "most came back from the log: {m:?}"
     );
     assert_eq!(
         influx
@@ -118,7 +114,7 @@ async fn spill_keeps_the_order_of_a_device() {
             )
             .await,
         Some(299.0),
-        "the last overwrite wins: order kept through queue, spill and batches"
+        "the last overwrite wins: order kept through log, queue and batches"
     );
     assert_eq!(
         influx
@@ -150,11 +146,11 @@ async fn sink_down_throughout_a_million_reading_burst_then_everything_in_order()
     });
     publish_fleet(gw.mqtt_port, fleet(1_000, 10, 100, "down", Encoding::Cbor)).await;
     probe.await.expect("task").expect("probe published");
-    // Everything is on disk: the dead-letter queue (batches whose writes failed) and the spill.
+    // Everything is on disk: the dead-letter queue (batches whose writes failed) and the log.
     let held = eventually(Duration::from_secs(60), "held on disk", || async {
         let m = gw.metrics().await?;
         let held = get(&m, "gateway_dlq_readings")
-            + get(&m, "gateway_spill_readings")
+            + get(&m, "gateway_wal_readings")
             + get(&m, "gateway_queue_readings")
             + get(&m, "gateway_readings_in_flight");
         anyhow::ensure!(
@@ -168,12 +164,12 @@ async fn sink_down_throughout_a_million_reading_burst_then_everything_in_order()
     proxy.set(Fault::Pass);
     let m = settled(&gw, 1_000_200.0, Duration::from_secs(120)).await;
     eprintln!(
-        "sink down: parked {} readings, spilled {}, redriven {}; peak RSS {:.1} MiB",
+        "sink down: parked {} readings, {} back from the log, redriven {}; peak RSS {:.1} MiB",
         get(
             &m,
             "gateway_dlq_parked_readings_total{kind=\"retries_exhausted\"}"
         ),
-        get(&m, "gateway_spilled_readings_total"),
+        get(&m, "gateway_wal_fed_readings_total"),
         get(&m, "gateway_dlq_redriven_readings_total"),
         gw.peak_rss() as f64 / 1048576.0
     );

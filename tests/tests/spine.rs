@@ -352,7 +352,9 @@ async fn bad_input_is_refused_by_reason_while_good_devices_flow() {
         ("truncated", 2.0),
         ("non_finite", 2.0),
         ("payload_too_large", 1.0),
-        ("bad_topic", 3.0),
+        // telemetry/bad and telemetry/bad device/env; elsewhere/bad/env is not telemetry and
+        // goes to the embedded broker's subscribers.
+        ("bad_topic", 2.0),
     ];
     for (r, n) in expected {
         assert_eq!(reason(r), n, "reason {r}; metrics: {m:?}");
@@ -545,7 +547,7 @@ fn held_sink() -> (
     (url, release, holder)
 }
 
-/// The settings under which a stalled sink backs up into the embedded broker's log.
+/// The settings under which a stalled sink backs up into the write-ahead log, and fills it.
 fn stalled_pipeline(url: String) -> Vec<(&'static str, String)> {
     vec![
         ("GATEWAY_SINK__URL", url),
@@ -553,12 +555,10 @@ fn stalled_pipeline(url: String) -> Vec<(&'static str, String)> {
         ("GATEWAY_SINK__MAX_ATTEMPTS", "1".into()),
         ("GATEWAY_SINK__MAX_IN_FLIGHT", "1".into()),
         ("GATEWAY_QUEUE__MAX_READINGS", "10".into()),
-        // Waiting, not spilling: the point is to fill the broker's log.
-        ("GATEWAY_QUEUE__WHEN_FULL", "block".into()),
         ("GATEWAY_BATCH__MAX_READINGS", "10".into()),
-        // The smallest broker log the config allows: 2 segments of 1 MiB.
-        ("GATEWAY_MQTT__BROKER_SEGMENT_SIZE", "1MiB".into()),
-        ("GATEWAY_MQTT__BROKER_SEGMENT_COUNT", "2".into()),
+        // The smallest log the config allows: one segment of 64 KiB, about 150 messages.
+        ("GATEWAY_WAL__MAX_BYTES", "64KiB".into()),
+        ("GATEWAY_WAL__SEGMENT_BYTES", "64KiB".into()),
     ]
 }
 
@@ -579,27 +579,31 @@ fn flood(n: u64) -> Vec<Message> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn behind_the_guard_a_full_broker_log_pushes_back_instead_of_dropping() {
+async fn a_full_write_ahead_log_holds_devices_back_instead_of_dropping() {
     use std::sync::atomic::Ordering;
     let (url, release, holder) = held_sink();
     let gw = Gateway::start(&stalled_pipeline(url)).await;
-    let published = 20_000u64;
+    let published = 5_000u64;
     let port = gw.mqtt_port;
     let publisher = tokio::spawn(async move { publish_v4(port, "flood", flood(published)).await });
     let m = eventually(
         Duration::from_secs(30),
-        "the guard pauses the device",
+        "the guard holds the device back",
         || async {
             let m = gw.metrics().await?;
             anyhow::ensure!(
-                get(&m, "gateway_ingest_paused_total") > 0.0,
-                "not paused yet"
+                get(&m, "gateway_ingest_paused_total") > 0.0 && get(&m, "gateway_wal_full") == 1.0,
+                "not full yet"
             );
             Ok(m)
         },
     )
     .await;
-    assert_eq!(get(&m, "gateway_broker_dropped_total"), 0.0);
+    let taken = get(&m, "gateway_messages_received_total");
+    assert!(
+        taken < published as f64,
+        "the device waits with most of its messages: {taken} taken"
+    );
     assert!(!publisher.is_finished(), "the device is held back");
     release.store(true, Ordering::Relaxed);
     let _ = holder.join();
@@ -612,61 +616,8 @@ async fn behind_the_guard_a_full_broker_log_pushes_back_instead_of_dropping() {
         .wait_metric("gateway_messages_received_total", published as f64)
         .await;
     assert_eq!(
-        get(&m, "gateway_broker_dropped_total"),
-        0.0,
+        get(&m, "gateway_readings_accepted_total"),
+        published as f64,
         "nothing dropped"
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn without_the_guard_broker_overflow_is_counted_exactly() {
-    use std::sync::atomic::Ordering;
-    let (url, release, holder) = held_sink();
-    // Devices straight to the broker: nothing holds them back.
-    let mut env = stalled_pipeline(url);
-    env.push(("GATEWAY_MQTT__DIRECT", "true".into()));
-    let gw = Gateway::start(&env).await;
-    let published = 20_000u64;
-    let msgs = flood(published);
-    // The broker acknowledges every message whether or not the gateway ever reads it.
-    publish_v4(gw.mqtt_port, "flood", msgs)
-        .await
-        .expect("all acknowledged by the broker");
-    release.store(true, Ordering::Relaxed);
-    let _ = holder.join();
-    let m = eventually(
-        Duration::from_secs(90),
-        "every message read or counted as dropped",
-        || async {
-            let m = gw.metrics().await?;
-            let received = m
-                .get("gateway_messages_received_total")
-                .copied()
-                .unwrap_or(0.0) as u64;
-            let dropped = m
-                .get("gateway_broker_dropped_total")
-                .copied()
-                .unwrap_or(0.0) as u64;
-            anyhow::ensure!(
-                received + dropped == published,
-                "received {received} + dropped {dropped} != {published}"
-            );
-            Ok(m)
-        },
-    )
-    .await;
-    let dropped = m["gateway_broker_dropped_total"];
-    eprintln!(
-        "published {published}, read {}, dropped by the broker {dropped}",
-        m["gateway_messages_received_total"]
-    );
-    assert!(
-        dropped > 0.0,
-        "a 2 MiB broker log cannot hold 8 MB of backlog"
-    );
-    let logs = gw.logs();
-    assert!(
-        logs.contains("the embedded broker dropped messages"),
-        "each jump is logged"
     );
 }

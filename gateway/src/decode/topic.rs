@@ -86,6 +86,27 @@ impl TopicPattern {
             && !levels[..index].contains(&"#")
     }
 
+    /// Whether `topic` is telemetry for the gateway to decode: it has the pattern's levels
+    /// with its literals, or it starts with the pattern's first level when that is a literal
+    /// (`telemetry/…`), so that a malformed telemetry topic is refused with a reason rather
+    /// than passed to the broker. Everything else is for the broker's subscribers.
+    pub fn claims(&self, topic: &str) -> bool {
+        if let Some(Segment::Literal(first)) = self.segments.first() {
+            return topic.split('/').next() == Some(first.as_str());
+        }
+        let levels: Vec<&str> = topic.split('/').collect();
+        levels.len() == self.segments.len()
+            && self.segments.iter().zip(&levels).all(|(s, l)| match s {
+                Segment::Literal(lit) => lit == l,
+                _ => true,
+            })
+    }
+
+    /// The device a topic names, if it fits the pattern.
+    pub fn device_of<'t>(&self, topic: &'t str) -> Option<&'t str> {
+        self.match_topic(topic).ok().map(|(device, _)| device)
+    }
+
     /// Splits `topic` into `(device, measurement)`, or says why it does not fit.
     pub fn match_topic<'t>(&self, topic: &'t str) -> Result<(&'t str, &'t str), DecodeError> {
         let mut device = "";

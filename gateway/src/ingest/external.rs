@@ -3,8 +3,8 @@
 //!
 //! Delivery: the session is persistent (`clean_start = false`, a session expiry) and
 //! acknowledgements are manual. A message is acknowledged only when every reading in it is
-//! written, parked in the dead-letter queue, spilled, or refused with a reason
-//! ([`crate::ack`]); until then the broker keeps it, and gives it again (dup) to this gateway
+//! safe as `ingest.ack` says (by default written, or parked in the dead-letter queue), or
+//! refused with a reason ([`super::Intake`]); until then the broker keeps it, and gives it again (dup) to this gateway
 //! when it reconnects, or to another member. At most `mqtt.receive_maximum` messages are
 //! unacknowledged at once, so a stalled sink pushes back to the broker.
 //!
@@ -60,7 +60,7 @@ pub fn parse_url(url: &str) -> Result<(String, u16, bool), IngestError> {
 
 pub fn start(
     config: &Config,
-    mut intake: Intake,
+    intake: Intake,
     filter: String,
     metrics: Arc<Metrics>,
     stop_input: CancellationToken,
@@ -116,7 +116,8 @@ pub fn start(
                 .and_then(|p| p.content_type.clone());
             let ack_tx = ack_tx.clone();
             let p = publish.clone();
-            let done: crate::ack::Done = Box::new(move || {
+            // Refused or safe, the broker is answered: a refused message is not sent again.
+            let done: crate::ack::Done = Box::new(move |_| {
                 let _ = ack_tx.send(p);
             });
             if intake

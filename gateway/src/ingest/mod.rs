@@ -1,7 +1,9 @@
-//! Ingest: MQTT messages in, decoded chunks onto the queue.
+//! Ingest: MQTT messages in, decoded chunks into the write-ahead log or onto the queue.
 //!
 //! [`Intake`] is the part every ingest mode shares: count the message, decode it, count each
-//! rejection by reason, and push the accepted lines onto the bounded queue (waiting when full).
+//! rejection by reason, take the accepted lines in as `ingest.ack` says (the write-ahead log,
+//! or the bounded queue), waiting when there is no room, and acknowledge the message when it
+//! is safe.
 
 pub mod embedded;
 pub mod external;
@@ -10,14 +12,17 @@ pub mod limit;
 pub mod rejects;
 pub mod tls;
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use tracing::warn;
 
-use crate::decode::{DecodeError, Decoder};
+use crate::ack::{Done, Verdict};
+use crate::decode::{DecodeError, Decoder, Limits, TopicPattern};
 use crate::metrics::Metrics;
 use crate::queue::{Chunk, QueueError, QueueTx};
+use crate::wal::{AppendError, Wal};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
@@ -45,65 +50,85 @@ pub enum IngestError {
 /// Rejections logged per second at most; the counters keep the full count.
 const LOG_BUDGET_PER_SEC: u32 = 20;
 
-/// Where a chunk goes when the queue is full (`queue.when_full`).
-pub enum Overflow {
-    Block,
-    Spill(Arc<crate::spill::Spill>),
-    DropNewest,
+/// What a message's acknowledgement waits for.
+pub enum Safe {
+    /// The write-ahead log's sync.
+    Durable(Arc<Wal>),
+    /// The sink's answer, or the dead-letter queue.
+    Written,
+    /// Nothing: acknowledged once queued.
+    Received,
 }
 
+/// Shared by every connection (embedded mode) or the one intake task (external mode).
 pub struct Intake {
-    decoder: Decoder,
+    limits: Limits,
+    pattern: TopicPattern,
+    /// Decoders own scratch space; one per task decoding at a time, kept for reuse.
+    decoders: Mutex<Vec<Decoder>>,
     queue: QueueTx,
+    safe: Safe,
+    /// Wait for room (`block`), or refuse (`drop_newest`).
+    wait: bool,
     metrics: Arc<Metrics>,
-    rejects: Option<rejects::Rejects>,
-    overflow: Overflow,
-    limiter: Option<limit::RateLimiter>,
-    log_window: Instant,
-    logged: u32,
+    rejects: Option<Mutex<rejects::Rejects>>,
+    limiter: Option<Mutex<limit::RateLimiter>>,
+    log_budget: LogBudget,
 }
 
 impl Intake {
     /// `rejects`, when given, keeps refused payloads in the dead-letter queue.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
-        decoder: Decoder,
+        limits: Limits,
+        pattern: TopicPattern,
         queue: QueueTx,
+        safe: Safe,
+        wait: bool,
         metrics: Arc<Metrics>,
         rejects: Option<rejects::Rejects>,
-        overflow: Overflow,
         limiter: Option<limit::RateLimiter>,
     ) -> Self {
         Self {
-            decoder,
+            limits,
+            pattern,
+            decoders: Mutex::new(Vec::new()),
             queue,
+            safe,
+            wait,
             metrics,
-            rejects,
-            overflow,
-            limiter,
-            log_window: Instant::now(),
-            logged: 0,
+            rejects: rejects.map(Mutex::new),
+            limiter: limiter.map(Mutex::new),
+            log_budget: LogBudget::default(),
         }
     }
 
-    /// Handles one message. `Err` only when the queue has closed (shutdown).
+    /// Whether `topic` is the gateway's to decode: it fits the pattern's levels, or starts with
+    /// the pattern's first literal level (so that a malformed telemetry topic is refused with
+    /// a reason instead of going elsewhere).
+    pub fn is_telemetry(&self, topic: &str) -> bool {
+        self.pattern.claims(topic)
+    }
+
+    /// Handles one message. `Err` only when the pipeline has closed (shutdown): the message
+    /// was not taken, and `done` is dropped unanswered.
     ///
-    /// `done`, in external mode, acknowledges the message to its broker: called once every
-    /// reading of it is safe (at once when none was accepted).
+    /// `done`, when given, acknowledges the message: called once it is safe as `ingest.ack`
+    /// says, or at once when it was refused whole.
     pub async fn accept(
-        &mut self,
+        &self,
         topic: &[u8],
         payload: &[u8],
         content_type: Option<&str>,
-        done: Option<crate::ack::Done>,
+        done: Option<Done>,
     ) -> Result<(), QueueError> {
         let received = Instant::now();
         self.metrics.messages_received.inc();
+        let done = done.map(|d| self.unacked(d));
         let Ok(topic) = std::str::from_utf8(topic) else {
             let e = DecodeError::BadTopic("topic is not UTF-8".into());
             self.rejected(&e, "<not UTF-8>", true);
-            if let Some(done) = done {
-                done();
-            }
+            answer(done, Verdict::Refused(e.reason()));
             return Ok(());
         };
         let now_ns = SystemTime::now()
@@ -111,10 +136,13 @@ impl Intake {
             .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
         // Line protocol is rarely more than twice the size of the payload it came from.
         let mut lines = Vec::with_capacity(payload.len().min(1 << 20) * 2);
-        match self
-            .decoder
-            .decode(topic, payload, content_type, now_ns, &mut lines)
-        {
+        let decoded = {
+            let mut decoder = self.decoder();
+            let decoded = decoder.decode(topic, payload, content_type, now_ns, &mut lines);
+            self.lock(&self.decoders).push(decoder);
+            decoded
+        };
+        match decoded {
             Ok(outcome) => {
                 for e in &outcome.rejected {
                     self.rejected(e, topic, false);
@@ -130,25 +158,21 @@ impl Intake {
                     self.keep(topic, payload, content_type, reasons.join("; "), n);
                 }
                 if outcome.accepted > 0 {
-                    let ack = done
-                        .map(|d| crate::ack::Ack::new(outcome.accepted, self.metrics.clone(), d));
                     let chunk = Chunk {
                         lines,
                         readings: outcome.accepted,
                         received,
                         topic: topic.into(),
-                        ack,
+                        ack: None,
                     };
-                    self.admit(chunk).await?;
-                } else if let Some(done) = done {
-                    done();
+                    return self.admit(chunk, done).await;
                 }
+                let reason = outcome.rejected.first().map_or("empty", |e| e.reason());
+                answer(done, Verdict::Refused(reason));
             }
             Err(e) => {
                 self.rejected(&e, topic, true);
-                if let Some(done) = done {
-                    done();
-                }
+                answer(done, Verdict::Refused(e.reason()));
                 self.keep(
                     topic,
                     payload,
@@ -161,56 +185,101 @@ impl Intake {
         Ok(())
     }
 
-    /// Applies the rate limit, then queues the chunk, or overflows it as `queue.when_full` says.
-    async fn admit(&mut self, chunk: Chunk) -> Result<(), QueueError> {
-        if let Some(limiter) = self.limiter.as_mut() {
-            let device = self.decoder.device_of(&chunk.topic).unwrap_or("");
-            if !limiter.admit(device, chunk.readings) {
-                let topic = chunk.topic.clone();
+    /// Counts the message as unacknowledged until `done` is called or dropped.
+    fn unacked(&self, done: Done) -> Done {
+        struct Unacked(Arc<Metrics>);
+        impl Drop for Unacked {
+            fn drop(&mut self) {
+                self.0.unacked_messages.dec();
+            }
+        }
+        self.metrics.unacked_messages.inc();
+        let pending = Unacked(self.metrics.clone());
+        Box::new(move |verdict| {
+            let _pending = pending;
+            done(verdict);
+        })
+    }
+
+    fn decoder(&self) -> Decoder {
+        self.lock(&self.decoders)
+            .pop()
+            .unwrap_or_else(|| Decoder::new(self.limits.clone(), self.pattern.clone()))
+    }
+
+    fn lock<'a, T>(&self, m: &'a Mutex<T>) -> MutexGuard<'a, T> {
+        // Each guarded value is consistent between calls; a panic cannot leave it half-changed.
+        m.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies the rate limit, then takes the chunk in as `ingest.ack` says, waiting for room
+    /// or refusing it as `queue.when_full` says.
+    async fn admit(&self, mut chunk: Chunk, done: Option<Done>) -> Result<(), QueueError> {
+        if let Some(limiter) = &self.limiter {
+            let device = self.pattern.device_of(&chunk.topic).unwrap_or("");
+            let admitted = self.lock(limiter).admit(device, chunk.readings);
+            if !admitted {
                 self.refuse(
                     "rate_limited",
                     chunk.readings,
-                    &topic,
+                    &chunk.topic,
                     "the device is over limits.device_rate",
                 );
-                settle(&chunk);
+                answer(done, Verdict::Refused("rate_limited"));
                 return Ok(());
             }
         }
-        match &self.overflow {
-            Overflow::Block => self.queue.push(chunk).await,
-            Overflow::Spill(spill) => {
-                // Behind anything already spilled, so that order is kept.
-                if spill.is_active() {
-                    spill_chunk(spill, chunk).await;
-                    return Ok(());
+        let (readings, topic) = (chunk.readings, chunk.topic.clone());
+        let refused = match &self.safe {
+            Safe::Durable(wal) => match wal.append(chunk, done, self.wait).await {
+                Ok(()) => return Ok(()),
+                Err(AppendError::Full(_, done)) => done,
+                Err(AppendError::Closed(chunk, _)) => return Err(QueueError::Closed(chunk)),
+            },
+            Safe::Written => {
+                // Shared with the chunk's acknowledgement, and taken back if the chunk is refused.
+                let done = done.map(|d| Arc::new(Mutex::new(Some(d))));
+                if let Some(done) = &done {
+                    let done = done.clone();
+                    chunk.ack = Some(crate::ack::Ack::new(readings, move || {
+                        answer(take(&done), Verdict::Accepted);
+                    }));
                 }
-                match self.queue.try_push(chunk).await {
-                    Err(QueueError::Full(chunk)) => {
-                        spill_chunk(spill, chunk).await;
-                        Ok(())
-                    }
-                    other => other,
+                match self.enqueue(chunk).await {
+                    Ok(()) => return Ok(()),
+                    Err(QueueError::Full(_)) => done.and_then(|d| take(&d)),
+                    Err(closed) => return Err(closed),
                 }
             }
-            Overflow::DropNewest => match self.queue.try_push(chunk).await {
-                Err(QueueError::Full(chunk)) => {
-                    self.refuse(
-                        "queue_full",
-                        chunk.readings,
-                        &chunk.topic,
-                        "the queue is full (queue.when_full = \"drop_newest\")",
-                    );
-                    settle(&chunk);
-                    Ok(())
+            Safe::Received => match self.enqueue(chunk).await {
+                Ok(()) => {
+                    answer(done, Verdict::Accepted);
+                    return Ok(());
                 }
-                other => other,
+                Err(QueueError::Full(_)) => done,
+                Err(closed) => return Err(closed),
             },
+        };
+        self.refuse(
+            "queue_full",
+            readings,
+            &topic,
+            "no room (queue.when_full = \"drop_newest\")",
+        );
+        answer(refused, Verdict::Refused("queue_full"));
+        Ok(())
+    }
+
+    async fn enqueue(&self, chunk: Chunk) -> Result<(), QueueError> {
+        if self.wait {
+            self.queue.push(chunk).await
+        } else {
+            self.queue.try_push(chunk).await
         }
     }
 
     /// Refuses a decoded message whole for a reason of admission, not of its content.
-    fn refuse(&mut self, reason: &'static str, readings: u32, topic: &str, why: &str) {
+    fn refuse(&self, reason: &'static str, readings: u32, topic: &str, why: &str) {
         self.metrics
             .readings_rejected
             .get_or_create(&crate::metrics::Reason { reason })
@@ -219,64 +288,68 @@ impl Intake {
             .messages_rejected
             .get_or_create(&crate::metrics::Reason { reason })
             .inc();
-        if self.log_allowed() {
+        if self.log_budget.allow() {
             let topic: String = topic.chars().take(128).collect();
             warn!(reason, %topic, readings, "refused: {why}");
         }
     }
 
     fn keep(
-        &mut self,
+        &self,
         topic: &str,
         payload: &[u8],
         content_type: Option<&str>,
         reason: String,
         readings: u32,
     ) {
-        if let Some(rejects) = self.rejects.as_mut() {
-            let device = self.decoder.device_of(topic);
-            rejects.keep(device, topic, payload, content_type, reason, readings);
+        if let Some(rejects) = &self.rejects {
+            let device = self.pattern.device_of(topic);
+            self.lock(rejects)
+                .keep(device, topic, payload, content_type, reason, readings);
         }
     }
 
-    fn rejected(&mut self, e: &DecodeError, topic: &str, whole: bool) {
+    fn rejected(&self, e: &DecodeError, topic: &str, whole: bool) {
         self.metrics.reject(e.reason(), whole);
-        if self.log_allowed() {
+        if self.log_budget.allow() {
             let topic: String = topic.chars().take(128).collect();
             warn!(reason = e.reason(), %topic, whole_message = whole, "rejected: {e}");
         }
     }
+}
 
-    /// At most LOG_BUDGET_PER_SEC refusals are logged a second; the counters have them all.
-    fn log_allowed(&mut self) -> bool {
-        if self.log_window.elapsed().as_secs() >= 1 {
-            if self.logged > LOG_BUDGET_PER_SEC {
+fn take(done: &Mutex<Option<Done>>) -> Option<Done> {
+    done.lock().unwrap_or_else(|p| p.into_inner()).take()
+}
+
+fn answer(done: Option<Done>, verdict: Verdict) {
+    if let Some(done) = done {
+        done(verdict);
+    }
+}
+
+/// At most LOG_BUDGET_PER_SEC events are logged a second; the counters keep the full count.
+#[derive(Default)]
+pub struct LogBudget {
+    second: AtomicU64,
+    used: AtomicU32,
+}
+
+impl LogBudget {
+    pub fn allow(&self) -> bool {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let previous = self.second.swap(now, Ordering::Relaxed);
+        if previous != now {
+            let suppressed = self.used.swap(0, Ordering::Relaxed);
+            if previous != 0 && suppressed > LOG_BUDGET_PER_SEC {
                 warn!(
-                    suppressed = self.logged - LOG_BUDGET_PER_SEC,
-                    "more refusals than logged; gateway_readings_rejected_total has them all"
+                    suppressed = suppressed - LOG_BUDGET_PER_SEC,
+                    "more events than logged; the counters have them all"
                 );
             }
-            self.log_window = Instant::now();
-            self.logged = 0;
         }
-        self.logged += 1;
-        self.logged <= LOG_BUDGET_PER_SEC
-    }
-}
-
-/// A chunk refused with a reason is settled: its acknowledgement is due.
-fn settle(chunk: &Chunk) {
-    if let Some(ack) = &chunk.ack {
-        ack.settle(chunk.readings);
-    }
-}
-
-/// Spills a chunk; on disk it is safe, so its acknowledgement is due.
-async fn spill_chunk(spill: &Arc<crate::spill::Spill>, mut chunk: Chunk) {
-    let ack = chunk.ack.take();
-    let readings = chunk.readings;
-    spill.add(chunk).await;
-    if let Some(ack) = ack {
-        ack.settle(readings);
+        self.used.fetch_add(1, Ordering::Relaxed) < LOG_BUDGET_PER_SEC
     }
 }

@@ -565,6 +565,11 @@ impl SegLog {
         self.live.values()
     }
 
+    /// Live records at `(segment, offset)` or after it, oldest first.
+    pub fn entries_from(&self, from: (u64, u64)) -> impl Iterator<Item = &Entry> {
+        self.live.range(from..).map(|(_, e)| e)
+    }
+
     pub fn get(&self, id: &str) -> Option<&Entry> {
         parse_id(id).and_then(|k| self.live.get(&k))
     }

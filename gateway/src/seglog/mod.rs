@@ -8,7 +8,7 @@ pub mod log;
 
 use serde::{Deserialize, Serialize};
 
-pub use log::{Entry, Options, Recovery, SegLog, Stats};
+pub use log::{parse_id, Entry, Options, Recovery, SegLog, Stats};
 
 /// Why a record is in the queue, and so what happens to it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

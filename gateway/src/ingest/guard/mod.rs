@@ -1,39 +1,49 @@
-//! The guard: what stands between devices and the embedded broker when security is on.
+//! The guard: what stands between devices and the embedded broker, and where telemetry ends.
 //!
-//! rumqttd cannot tie a publish to the device that sent it (a `Forward` carries no client id),
-//! its TLS pulls in another crypto stack, and it refuses logins and excess connections
-//! without counting them. So the guard owns the device-facing listeners (plain and TLS),
-//! authenticates each CONNECT (credentials file or client certificate), and then relays the
-//! connection to rumqttd on a loopback port, reading every packet the device sends: a PUBLISH
-//! or a will under another device's id, or a SUBSCRIBE outside the device's own topics, closes
-//! the connection and is counted. rumqttd's own listeners require a random per-process login
-//! that only the guard knows, so the loopback ports are no way around it.
+//! rumqttd acknowledges a publish before anyone has read it, cannot tie a publish to the device
+//! that sent it (a `Forward` carries no client id), its TLS pulls in another crypto stack, and
+//! it refuses logins and excess connections without counting them. So the guard owns the
+//! device-facing listeners (plain and TLS), authenticates each CONNECT (credentials file or
+//! client certificate), and reads every packet the device sends:
 //!
-//! Packets are checked where they lie in the read buffer and forwarded unchanged, in one write
-//! per read; the broker's replies are copied back untouched.
+//! ```text
+//! device ──▶ reader ──telemetry PUBLISH──▶ intake (decode, write-ahead log) ─┐ PUBACK when safe
+//!   ▲          └──everything else──▶ rumqttd (loopback) ──▶ subscribers       │
+//!   └──────── writer ◀── rumqttd's packets, whole ◀──────────────────────────┘ in publish order
+//! ```
+//!
+//! A telemetry PUBLISH (its topic is the pattern's, [`crate::decode::TopicPattern::claims`])
+//! is decoded by the gateway and never reaches rumqttd; its PUBACK (PUBREC for QoS 2) leaves
+//! once the message is safe as `ingest.ack` says, in the order the device published, between
+//! whole packets of rumqttd's. Everything else (subscriptions, other topics, wills) is relayed
+//! to rumqttd, which stays the broker for what a broker is for. A PUBLISH or a will under
+//! another device's id, or a SUBSCRIBE outside the device's own topics, is refused and
+//! counted. rumqttd's own listeners require a random per-process login that only the guard
+//! knows, so the loopback ports are no way around it.
 
-pub mod backlog;
 pub mod credentials;
 pub mod packet;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use self::credentials::{Credentials, Verdict};
-use self::packet::{Connect, Frame, PacketError, Refusal};
+use self::packet::{reason, Connect, Frame, PacketError, Refusal, Reply};
 use super::limit::RateLimiter;
-use super::IngestError;
+use super::{IngestError, Intake, LogBudget};
+use crate::ack::Verdict as Settled;
 use crate::config::Config;
 use crate::decode::TopicPattern;
 use crate::metrics::{Metrics, Reason};
@@ -47,6 +57,10 @@ const VIOLATION_GRACE: Duration = Duration::from_millis(500);
 /// A device's read buffer starts small (thousands of idle devices each hold one) and grows to
 /// the largest packet it has to hold.
 const READ_BUFFER: usize = 4 * 1024;
+/// Telemetry messages of one connection whose acknowledgement has not been written yet, at
+/// most: past it the guard stops reading from that device until acknowledgements go out
+/// (more than any client keeps in flight; it bounds what a device that never reads costs).
+const MAX_UNACKED: usize = 4096;
 
 /// What the guard enforces, built from the configuration.
 pub struct Guard {
@@ -63,15 +77,14 @@ pub struct Guard {
     login: (String, String),
     connections: Arc<Semaphore>,
     connection_rate: Option<Mutex<RateLimiter>>,
-    backlog: Arc<backlog::Backlog>,
+    intake: Arc<Intake>,
     metrics: Arc<Metrics>,
     log_budget: LogBudget,
-}
-
-/// The guard runs unless the operator chose `mqtt.direct` (validated to need none of what
-/// only the guard does).
-pub fn wanted(config: &Config) -> bool {
-    !config.mqtt.direct
+    /// Connections stop reading from their devices (shutdown, first step).
+    stop_reading: CancellationToken,
+    /// Connections write what they owe their devices and close (shutdown, last step).
+    close: CancellationToken,
+    tasks: TaskTracker,
 }
 
 /// Login for rumqttd's listeners: a name and a random password made at start.
@@ -136,7 +149,7 @@ impl Guard {
         config: &Config,
         upstream: (SocketAddr, SocketAddr),
         login: (String, String),
-        backlog: Arc<backlog::Backlog>,
+        intake: Arc<Intake>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, IngestError> {
         let pattern = TopicPattern::parse(&config.mqtt.topic)
@@ -168,19 +181,40 @@ impl Guard {
                     limits.connection_burst,
                 ))
             }),
-            backlog,
+            intake,
             metrics,
             log_budget: LogBudget::default(),
+            stop_reading: CancellationToken::new(),
+            close: CancellationToken::new(),
+            tasks: TaskTracker::new(),
         })
     }
 
-    /// Serves the listeners until `stop` fires; reloads the credentials file as it changes.
-    pub async fn run(
-        self: Arc<Self>,
-        listeners: Listeners,
-        reload: Duration,
-        stop: CancellationToken,
-    ) {
+    /// Shutdown, first step: stop accepting, and stop reading from devices. A message not yet
+    /// read is not acknowledged: its device sends it to the next process.
+    pub fn stop_reading(&self) {
+        self.stop_reading.cancel();
+    }
+
+    /// Shutdown, last step: write what the connections owe their devices, close them, and
+    /// return once they are closed (or after `grace`).
+    pub async fn close(&self, grace: Duration) {
+        self.close.cancel();
+        self.tasks.close();
+        if tokio::time::timeout(grace, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                connections = self.tasks.len(),
+                "device connections still open at the end of shutdown"
+            );
+        }
+    }
+
+    /// Serves the listeners until [`Self::stop_reading`]; reloads the credentials file as it
+    /// changes.
+    pub async fn run(self: Arc<Self>, listeners: Listeners, reload: Duration) {
         // rumqttd binds on its own threads: accept devices only once it answers, or the first
         // ones would be cut.
         for _ in 0..500 {
@@ -199,7 +233,9 @@ impl Guard {
         if let Some((l, tls)) = listeners.tls {
             tasks.spawn(self.clone().accept(l, Some(tls)));
         }
-        stop.cancelled().await;
+        self.metrics.ingest_up.set(1);
+        self.stop_reading.cancelled().await;
+        self.metrics.ingest_up.set(0);
         tasks.abort_all();
     }
 
@@ -248,7 +284,7 @@ impl Guard {
             };
             let guard = self.clone();
             let tls = tls.clone();
-            tokio::spawn(async move {
+            self.tasks.spawn(async move {
                 guard.metrics.device_connections.inc();
                 guard.connection(socket, peer, tls, permit).await;
                 guard.metrics.device_connections.dec();
@@ -333,22 +369,41 @@ impl Guard {
         };
         let _ = broker.set_nodelay(true);
         let hello = connect.rebuild(&client_id, &self.login.0, self.login.1.as_bytes());
+        let keep_alive = Duration::from_secs(u64::from(connect.keep_alive())) / 2;
         buf.advance(frame.len);
         if broker.write_all(&hello).await.is_err() {
             return;
         }
-        let (mut from_broker, mut to_broker) = broker.into_split();
-        let (mut from_device, mut to_device) = tokio::io::split(device);
+        let (from_broker, mut to_broker) = broker.into_split();
+        let (mut from_device, to_device) = tokio::io::split(device);
+        let (replies, replies_rx) = mpsc::unbounded_channel();
+        let pings_owed = Arc::new(AtomicU32::new(0));
+        let mut writer = std::pin::pin!(write_loop(
+            from_broker,
+            to_device,
+            replies_rx,
+            pings_owed.clone(),
+            self.close.clone(),
+        ));
         let mut session = Session {
             guard: self,
             identity: identity.as_deref(),
             v5: level == 5,
             aliases: HashMap::new(),
+            replies,
+            next_seq: 0,
+            unacked: Arc::new(Semaphore::new(MAX_UNACKED)),
+            exactly_once: HashSet::new(),
+            keep_alive,
+            last_forward: Instant::now(),
+            pings_owed,
+            forward: Vec::new(),
         };
         let relay = session.relay(&mut from_device, &mut to_broker, buf);
         let outcome = tokio::select! {
             outcome = relay => outcome,
-            _ = tokio::io::copy(&mut from_broker, &mut to_device) => return,
+            // The broker closed, or the device stopped taking what is written to it.
+            _ = &mut writer => return,
         };
         if let Outcome::Violation(reason, detail) = &outcome {
             self.metrics
@@ -368,14 +423,16 @@ impl Guard {
         // Let the broker answer what it was sent (the PUBACKs of the packets before a
         // violation) and, after a DISCONNECT, close its side first: rumqttd 0.20 handles a
         // DISCONNECT and then the socket's close as two disconnections, and the second can cut
-        // a device that just took the same connection slot.
+        // a device that just took the same connection slot. At shutdown, the writer delivers
+        // the acknowledgements still due until the pipeline has them all.
+        drop(session);
         let grace = match outcome {
             Outcome::Closed => return,
+            Outcome::Stopped => return writer.await,
             Outcome::Disconnected => DISCONNECT_GRACE,
             Outcome::Violation(..) => VIOLATION_GRACE,
         };
-        let _ =
-            tokio::time::timeout(grace, tokio::io::copy(&mut from_broker, &mut to_device)).await;
+        let _ = tokio::time::timeout(grace, writer).await;
     }
 
     /// The device's identity (`None` for an anonymous device), or why it may not connect.
@@ -471,15 +528,39 @@ enum Outcome {
     Disconnected,
     /// The device broke a rule; the connection is closed.
     Violation(&'static str, String),
+    /// Shutdown: no more reading from the device.
+    Stopped,
 }
 
-/// One device's connection after CONNECT.
+/// An acknowledgement due to the device, numbered in the order its PUBLISH arrived.
+struct Due {
+    seq: u64,
+    reply: Reply,
+    /// A place in the connection's window of unacknowledged messages, freed once written.
+    _slot: Option<OwnedSemaphorePermit>,
+}
+
+/// One device's connection after CONNECT: the reading side.
 struct Session<'g> {
     guard: &'g Guard,
     identity: Option<&'g str>,
     v5: bool,
     /// MQTT 5 topic aliases the device has set.
     aliases: HashMap<u16, String>,
+    /// To the writer.
+    replies: mpsc::UnboundedSender<Due>,
+    next_seq: u64,
+    unacked: Arc<Semaphore>,
+    /// QoS 2 packet ids taken in and acknowledged with PUBREC, until their PUBREL.
+    exactly_once: HashSet<u16>,
+    /// Half the device's keep-alive: rumqttd drops a connection that sends it nothing for
+    /// 1.5 × keep-alive, and a device that only publishes telemetry sends it nothing at all.
+    keep_alive: Duration,
+    last_forward: Instant,
+    /// PINGREQs the guard sent the broker for the device, whose PINGRESPs are not the device's.
+    pings_owed: Arc<AtomicU32>,
+    /// Packets for the broker from one read, written together.
+    forward: Vec<u8>,
 }
 
 const DISCONNECT: u8 = 14;
@@ -491,12 +572,21 @@ impl Session<'_> {
         W: AsyncWrite + Unpin,
     {
         loop {
-            let (ok, verdict) = self.check(&buf);
-            if ok > 0 {
-                if broker.write_all(&buf[..ok]).await.is_err() {
+            let (used, verdict) = self.handle_all(&buf).await;
+            buf.advance(used);
+            if !self.forward.is_empty() {
+                if broker.write_all(&self.forward).await.is_err() {
                     return Outcome::Closed;
                 }
-                buf.advance(ok);
+                self.forward.clear();
+                self.last_forward = Instant::now();
+            } else if !self.keep_alive.is_zero() && self.last_forward.elapsed() >= self.keep_alive {
+                // Keep the broker's side of a telemetry-only device alive.
+                self.pings_owed.fetch_add(1, Ordering::AcqRel);
+                if broker.write_all(&[packet::PINGREQ << 4, 0]).await.is_err() {
+                    return Outcome::Closed;
+                }
+                self.last_forward = Instant::now();
             }
             if let Some(outcome) = verdict {
                 return outcome;
@@ -504,19 +594,20 @@ impl Session<'_> {
             if buf.capacity() - buf.len() < READ_BUFFER / 4 {
                 buf.reserve(buf.capacity().max(READ_BUFFER));
             }
-            if self.guard.backlog.room().await {
-                self.guard.metrics.ingest_paused.inc();
-            }
-            match device.read_buf(&mut buf).await {
-                Ok(0) | Err(_) => return Outcome::Closed,
-                Ok(_) => {}
+            tokio::select! {
+                biased;
+                _ = self.guard.stop_reading.cancelled() => return Outcome::Stopped,
+                read = device.read_buf(&mut buf) => match read {
+                    Ok(0) | Err(_) => return Outcome::Closed,
+                    Ok(_) => {}
+                },
             }
         }
     }
 
-    /// How many bytes at the front of `buf` are whole packets that may pass, and what ends
-    /// the connection after them, if anything.
-    fn check(&mut self, buf: &[u8]) -> (usize, Option<Outcome>) {
+    /// Handles the whole packets at the front of `buf`: how many bytes they took, and what
+    /// ends the connection after them, if anything.
+    async fn handle_all(&mut self, buf: &[u8]) -> (usize, Option<Outcome>) {
         let mut at = 0;
         loop {
             let frame = match packet::frame(&buf[at..], self.guard.max_packet) {
@@ -536,7 +627,7 @@ impl Session<'_> {
                 }
             };
             let bytes = &buf[at..at + frame.len];
-            if let Err(outcome) = self.allowed(bytes, frame) {
+            if let Err(outcome) = self.handle(bytes, frame).await {
                 return (at, Some(outcome));
             }
             at += frame.len;
@@ -546,14 +637,15 @@ impl Session<'_> {
         }
     }
 
-    fn allowed(&mut self, bytes: &[u8], frame: Frame) -> Result<(), Outcome> {
+    /// One packet: taken in (telemetry), answered, or queued for the broker.
+    async fn handle(&mut self, bytes: &[u8], frame: Frame) -> Result<(), Outcome> {
         let malformed = |e: PacketError| Outcome::Violation("protocol_error", e.to_string());
         match frame.kind {
             packet::PUBLISH => {
-                let topic = packet::publish_topic(bytes, frame, self.v5).map_err(malformed)?;
-                let name = match topic.alias {
-                    Some(alias) if topic.name.is_empty() => match self.aliases.get(&alias) {
-                        Some(name) => name.as_str(),
+                let publish = packet::publish(bytes, frame, self.v5).map_err(malformed)?;
+                let name = match publish.alias {
+                    Some(alias) if publish.name.is_empty() => match self.aliases.get(&alias) {
+                        Some(name) => name.clone(),
                         None => {
                             return Err(Outcome::Violation(
                                 "protocol_error",
@@ -562,10 +654,10 @@ impl Session<'_> {
                         }
                     },
                     Some(alias) => {
-                        self.aliases.insert(alias, topic.name.to_owned());
-                        topic.name
+                        self.aliases.insert(alias, publish.name.to_owned());
+                        publish.name.to_owned()
                     }
-                    None => topic.name,
+                    None => publish.name.to_owned(),
                 };
                 if name.contains(['+', '#']) || name.starts_with('$') {
                     return Err(Outcome::Violation(
@@ -573,67 +665,217 @@ impl Session<'_> {
                         format!("publish to {name:?}"),
                     ));
                 }
-                if let Some(id) = self.identity {
-                    if self.guard.bind_identity && !self.guard.may_publish(id, name) {
-                        self.guard.metrics.reject("identity_mismatch", true);
-                        return Err(Outcome::Violation(
-                            "identity_mismatch",
-                            format!("published to {name:?}"),
-                        ));
-                    }
+                if !self.guard.intake.is_telemetry(&name) {
+                    self.forward.extend_from_slice(bytes);
+                    return Ok(());
                 }
-                // Topic and payload, near enough (packet id and properties count too): the
-                // backlog needs the mean size, not an exact one.
-                let body = frame.len - frame.header - 2 - topic.name.len();
-                self.guard.backlog.forwarded((name.len() + body) as u64);
+                self.telemetry(bytes, frame, &publish, &name).await
+            }
+            packet::PUBREL => {
+                let id = packet::packet_id(bytes, frame).map_err(malformed)?;
+                if self.exactly_once.remove(&id) {
+                    self.reply_now(Reply::new(packet::PUBCOMP, id, reason::SUCCESS, self.v5));
+                } else {
+                    self.forward.extend_from_slice(bytes);
+                }
                 Ok(())
             }
             packet::SUBSCRIBE => {
                 let filters =
                     packet::subscribe_filters(bytes, frame, self.v5).map_err(malformed)?;
-                match self.identity {
-                    Some(id) if self.guard.bind_identity => {
-                        match filters
-                            .iter()
-                            .find(|f| !self.guard.pattern.filter_within(f, id))
-                        {
-                            Some(f) => Err(Outcome::Violation(
-                                "subscribe_denied",
-                                format!("subscribed to {f:?}"),
-                            )),
-                            None => Ok(()),
-                        }
+                if let Some(id) = self.identity.filter(|_| self.guard.bind_identity) {
+                    if let Some(f) = filters
+                        .iter()
+                        .find(|f| !self.guard.pattern.filter_within(f, id))
+                    {
+                        return Err(Outcome::Violation(
+                            "subscribe_denied",
+                            format!("subscribed to {f:?}"),
+                        ));
                     }
-                    _ => Ok(()),
                 }
+                self.forward.extend_from_slice(bytes);
+                Ok(())
             }
             packet::CONNECT => Err(Outcome::Violation(
                 "protocol_error",
                 "a second CONNECT".to_owned(),
             )),
-            _ => Ok(()),
+            _ => {
+                self.forward.extend_from_slice(bytes);
+                Ok(())
+            }
         }
+    }
+
+    /// A telemetry PUBLISH: decoded and taken in here, acknowledged once safe.
+    async fn telemetry(
+        &mut self,
+        bytes: &[u8],
+        frame: Frame,
+        publish: &packet::Publish<'_>,
+        name: &str,
+    ) -> Result<(), Outcome> {
+        let kind = if publish.qos == 2 {
+            packet::PUBREC
+        } else {
+            packet::PUBACK
+        };
+        if let Some(id) = self.identity {
+            if self.guard.bind_identity && !self.guard.may_publish(id, name) {
+                self.guard.metrics.reject("identity_mismatch", true);
+                let detail = format!("published to {name:?}");
+                // MQTT 5 can refuse the one message and keep the connection; 3.1.1 cannot
+                // say no to a publish, so the connection closes.
+                return match publish.packet_id {
+                    Some(pid) if self.v5 => {
+                        self.reply_now(Reply::new(kind, pid, reason::NOT_AUTHORIZED, true));
+                        Ok(())
+                    }
+                    _ => Err(Outcome::Violation("identity_mismatch", detail)),
+                };
+            }
+        }
+        if publish.retain {
+            // Subscribers still get the retained value from the broker.
+            self.forward
+                .extend_from_slice(&packet::at_qos0(bytes, frame));
+        }
+        let done = match publish.packet_id {
+            None => None,
+            // A QoS 2 message sent again before its PUBREL was taken in already.
+            Some(pid) if publish.qos == 2 && publish.dup && self.exactly_once.contains(&pid) => {
+                self.reply_now(Reply::new(kind, pid, reason::SUCCESS, self.v5));
+                return Ok(());
+            }
+            Some(pid) => {
+                let slot = match self.unacked.clone().try_acquire_owned() {
+                    Ok(slot) => slot,
+                    Err(_) => {
+                        // The device is not reading its acknowledgements: wait for room.
+                        self.guard.metrics.ingest_paused.inc();
+                        self.unacked
+                            .clone()
+                            .acquire_owned()
+                            .await
+                            .map_err(|_| Outcome::Closed)?
+                    }
+                };
+                if publish.qos == 2 {
+                    self.exactly_once.insert(pid);
+                }
+                let (seq, replies, v5) = (self.take_seq(), self.replies.clone(), self.v5);
+                let done: crate::ack::Done = Box::new(move |verdict| {
+                    let code = match verdict {
+                        Settled::Accepted => reason::SUCCESS,
+                        Settled::Refused(why) => reason_code(why),
+                    };
+                    let _ = replies.send(Due {
+                        seq,
+                        reply: Reply::new(kind, pid, code, v5),
+                        _slot: Some(slot),
+                    });
+                });
+                Some(done)
+            }
+        };
+        self.guard
+            .intake
+            .accept(name.as_bytes(), publish.payload, publish.content_type, done)
+            .await
+            .map_err(|_| Outcome::Stopped)
+    }
+
+    fn take_seq(&mut self) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        seq
+    }
+
+    /// An acknowledgement that needs no waiting, in its place after those still due.
+    fn reply_now(&mut self, reply: Reply) {
+        let seq = self.take_seq();
+        let _ = self.replies.send(Due {
+            seq,
+            reply,
+            _slot: None,
+        });
     }
 }
 
-/// At most this many connection events are logged a second; the counters keep the full count.
-const LOG_PER_SEC: u32 = 20;
-
-#[derive(Default)]
-struct LogBudget {
-    second: AtomicU64,
-    used: AtomicU32,
+/// The MQTT 5 reason code for a message refused whole (§3.4.2.1).
+fn reason_code(why: &str) -> u8 {
+    match why {
+        "rate_limited" | "queue_full" | "payload_too_large" => reason::QUOTA_EXCEEDED,
+        "bad_topic" => reason::TOPIC_NAME_INVALID,
+        "identity_mismatch" => reason::NOT_AUTHORIZED,
+        _ => reason::PAYLOAD_FORMAT_INVALID,
+    }
 }
 
-impl LogBudget {
-    fn allow(&self) -> bool {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        if self.second.swap(now, Ordering::Relaxed) != now {
-            self.used.store(0, Ordering::Relaxed);
+/// The writing side of a connection: the broker's packets, whole, and the guard's own
+/// acknowledgements in the order their messages arrived, between them. Ends when the broker
+/// or the device goes away, or at shutdown once the connection owes nothing more (or the
+/// shutdown is over).
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut from_broker: tokio::net::tcp::OwnedReadHalf,
+    mut to_device: W,
+    mut replies: mpsc::UnboundedReceiver<Due>,
+    pings_owed: Arc<AtomicU32>,
+    close: CancellationToken,
+) {
+    let mut buf = BytesMut::with_capacity(1024);
+    let mut out: Vec<u8> = Vec::new();
+    let mut waiting: BTreeMap<u64, Due> = BTreeMap::new();
+    let mut next = 0u64;
+    // The session is over and every acknowledgement it promised has come in.
+    let mut all_due = false;
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            read = from_broker.read_buf(&mut buf) => {
+                if !matches!(read, Ok(n) if n > 0) {
+                    return;
+                }
+                // rumqttd's packets go on whole, so that acknowledgements fit between them.
+                while let Ok(Some(frame)) = packet::frame(&buf, usize::MAX) {
+                    let owed = frame.kind == packet::PINGRESP
+                        && pings_owed
+                            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+                            .is_ok();
+                    if !owed {
+                        out.extend_from_slice(&buf[..frame.len]);
+                    }
+                    buf.advance(frame.len);
+                }
+            }
+            due = replies.recv(), if !all_due => match due {
+                Some(due) => {
+                    waiting.insert(due.seq, due);
+                    while let Ok(due) = replies.try_recv() {
+                        waiting.insert(due.seq, due);
+                    }
+                }
+                None => all_due = true,
+            },
+            // Shutdown: go once what is owed is written.
+            _ = close.cancelled(), if !closing => closing = true,
         }
-        self.used.fetch_add(1, Ordering::Relaxed) < LOG_PER_SEC
+        while let Some(due) = waiting.remove(&next) {
+            out.extend_from_slice(due.reply.as_bytes());
+            next += 1;
+        }
+        if !out.is_empty() {
+            // Flushed, or TLS would keep the last acknowledgement in its buffer.
+            if to_device.write_all(&out).await.is_err() || to_device.flush().await.is_err() {
+                return;
+            }
+            out.clear();
+        }
+        if closing && waiting.is_empty() && (all_due || replies.is_empty()) {
+            let _ = to_device.shutdown().await;
+            return;
+        }
     }
 }
 
@@ -649,56 +891,117 @@ mod tests {
         packet::framed(0x32, &body)
     }
 
-    /// Feeds `stream` to a session `step` bytes at a time, as reads would deliver it; returns
-    /// the bytes forwarded and what ended it.
-    fn feed(stream: &[u8], step: usize) -> (usize, Option<&'static str>) {
+    /// What a session made of a stream of packets.
+    #[derive(Debug, PartialEq, Eq)]
+    struct Fed {
+        handled: usize,
+        forwarded: usize,
+        taken_in: u64,
+        acknowledged: usize,
+        ended: Option<&'static str>,
+    }
+
+    /// Feeds `stream` to a session `step` bytes at a time, as reads would deliver it.
+    async fn feed(stream: &[u8], step: usize) -> Fed {
         let config = Config::from_toml("[auth]\nanonymous = true\n").expect("config");
+        let metrics = Arc::new(Metrics::new());
+        let (queue, _rx) = crate::queue::bounded(1000, 1 << 20, metrics.clone());
+        let pattern = TopicPattern::parse(&config.mqtt.topic).expect("pattern");
+        let intake = Arc::new(Intake::new(
+            config.limits(),
+            pattern,
+            queue,
+            super::super::Safe::Received,
+            true,
+            metrics.clone(),
+            None,
+            None,
+        ));
         let addr: SocketAddr = ([127, 0, 0, 1], 1).into();
         let guard = Guard::new(
             &config,
             (addr, addr),
             ("u".into(), "p".into()),
-            Arc::new(backlog::Backlog::new(1 << 30)),
-            Arc::new(Metrics::new()),
+            intake,
+            metrics.clone(),
         )
         .expect("guard");
+        let (replies, mut replies_rx) = mpsc::unbounded_channel();
         let mut session = Session {
             guard: &guard,
             identity: Some("dev-a"),
             v5: false,
             aliases: HashMap::new(),
+            replies,
+            next_seq: 0,
+            unacked: Arc::new(Semaphore::new(MAX_UNACKED)),
+            exactly_once: HashSet::new(),
+            keep_alive: Duration::ZERO,
+            last_forward: Instant::now(),
+            pings_owed: Arc::new(AtomicU32::new(0)),
+            forward: Vec::new(),
         };
-        let (mut buf, mut forwarded) = (Vec::new(), 0);
+        let (mut buf, mut handled, mut forwarded) = (Vec::new(), 0, 0);
+        let mut ended = None;
         for chunk in stream.chunks(step) {
             buf.extend_from_slice(chunk);
-            let (ok, verdict) = session.check(&buf);
-            forwarded += ok;
-            buf.drain(..ok);
+            let (used, verdict) = session.handle_all(&buf).await;
+            handled += used;
+            forwarded += session.forward.len();
+            session.forward.clear();
+            buf.drain(..used);
             match verdict {
-                Some(Outcome::Violation(reason, _)) => return (forwarded, Some(reason)),
-                Some(_) => return (forwarded, Some("other")),
+                Some(Outcome::Violation(reason, _)) => {
+                    ended = Some(reason);
+                    break;
+                }
+                Some(_) => {
+                    ended = Some("other");
+                    break;
+                }
                 None => {}
             }
         }
-        (forwarded, None)
+        drop(session);
+        let mut acknowledged = 0;
+        while let Some(due) = replies_rx.recv().await {
+            assert_eq!(due.seq, acknowledged as u64, "in publish order");
+            assert_eq!(due.reply.as_bytes(), [0x40, 2, 0, 1], "PUBACK of packet 1");
+            acknowledged += 1;
+        }
+        Fed {
+            handled,
+            forwarded,
+            taken_in: metrics.messages_received.get(),
+            acknowledged,
+            ended,
+        }
     }
 
-    #[test]
-    fn packets_split_anywhere_pass_whole_and_a_foreign_topic_stops_the_stream() {
+    #[tokio::test]
+    async fn packets_split_anywhere_are_taken_whole_and_a_foreign_device_stops_the_stream() {
         let mut stream = publish("telemetry/dev-a/env", 10);
         stream.extend(publish("telemetry/dev-a/env", 300));
-        stream.extend(publish("not/the/pattern/at/all", 5));
+        let other = publish("not/the/pattern/at/all", 5);
+        stream.extend(&other);
         let allowed = stream.len();
         stream.extend(publish("telemetry/dev-b/env", 20));
         stream.extend(publish("telemetry/dev-a/env", 20));
         for step in [1, 2, 3, 7, 64, 333, stream.len()] {
             assert_eq!(
-                feed(&stream, step),
-                (allowed, Some("identity_mismatch")),
+                feed(&stream, step).await,
+                Fed {
+                    handled: allowed,
+                    forwarded: other.len(),
+                    taken_in: 2,
+                    acknowledged: 2,
+                    ended: Some("identity_mismatch"),
+                },
                 "reads of {step} bytes"
             );
         }
         let own = publish("telemetry/dev-a/env", 1000);
-        assert_eq!(feed(&own, 5), (own.len(), None));
+        let fed = feed(&own, 5).await;
+        assert_eq!((fed.handled, fed.taken_in, fed.ended), (own.len(), 1, None));
     }
 }

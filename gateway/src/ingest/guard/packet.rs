@@ -1,12 +1,20 @@
-//! Just enough MQTT (3.1.1 and 5) to guard the embedded broker: framing, CONNECT, the topic of
-//! a PUBLISH, the filters of a SUBSCRIBE, and CONNACK refusals. Packets are checked where they
-//! lie in the read buffer and forwarded as the device sent them; only CONNECT is rebuilt, with
-//! the guard's own login and a client id scoped to the device's identity.
+//! Just enough MQTT (3.1.1 and 5) to guard the embedded broker and to end telemetry publishes
+//! itself: framing, CONNECT, PUBLISH (topic, packet id, the properties that matter, payload),
+//! PUBREL, the filters of a SUBSCRIBE, the acknowledgements the guard sends, and CONNACK
+//! refusals. Packets are read where they lie in the read buffer; what goes on to the broker is
+//! forwarded as the device sent it, except CONNECT, rebuilt with the guard's own login and a
+//! client id scoped to the device's identity.
 
 /// Control packet types (MQTT 5 §2.1.2; the same numbers in 3.1.1).
 pub const CONNECT: u8 = 1;
 pub const PUBLISH: u8 = 3;
+pub const PUBACK: u8 = 4;
+pub const PUBREC: u8 = 5;
+pub const PUBREL: u8 = 6;
+pub const PUBCOMP: u8 = 7;
 pub const SUBSCRIBE: u8 = 8;
+pub const PINGREQ: u8 = 12;
+pub const PINGRESP: u8 = 13;
 
 /// Why bytes from a device are not an MQTT packet the guard can pass on.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -217,6 +225,11 @@ impl<'a> Connect<'a> {
         })
     }
 
+    /// Seconds the device may stay silent (0: no limit).
+    pub fn keep_alive(&self) -> u16 {
+        self.keep_alive
+    }
+
     /// The same CONNECT with another client id and login: what the guard sends the broker.
     pub fn rebuild(&self, client_id: &str, username: &str, password: &[u8]) -> Vec<u8> {
         let mut body = Vec::with_capacity(
@@ -285,45 +298,125 @@ fn put_varint(out: &mut Vec<u8>, mut n: usize) {
     }
 }
 
-/// The topic of a PUBLISH: a name, or (MQTT 5) an alias that stands for one.
+/// A PUBLISH, borrowed from the read buffer.
 #[derive(Debug, PartialEq, Eq)]
-pub struct PublishTopic<'a> {
+pub struct Publish<'a> {
+    /// The topic name; empty when (MQTT 5) an alias stands for it.
     pub name: &'a str,
     pub alias: Option<u16>,
+    pub qos: u8,
+    pub retain: bool,
+    pub dup: bool,
+    /// Present for QoS 1 and 2.
+    pub packet_id: Option<u16>,
+    /// MQTT 5 content type.
+    pub content_type: Option<&'a str>,
+    pub payload: &'a [u8],
 }
 
 const TOPIC_ALIAS: u8 = 0x23;
+const CONTENT_TYPE: u8 = 0x03;
 
-/// Reads the topic of the PUBLISH `packet` (fixed header included).
-pub fn publish_topic(
-    packet: &[u8],
-    frame: Frame,
-    v5: bool,
-) -> Result<PublishTopic<'_>, PacketError> {
+/// Parses the PUBLISH `packet` (fixed header included).
+pub fn publish(packet: &[u8], frame: Frame, v5: bool) -> Result<Publish<'_>, PacketError> {
     let mut r = Reader::new(&packet[frame.header..frame.len]);
     let name = r.string()?;
     let qos = (frame.flags >> 1) & 0x03;
     if qos == 3 {
         return Err(PacketError::Malformed("PUBLISH with QoS 3"));
     }
-    if qos > 0 {
-        r.u16()?;
-    }
+    let packet_id = if qos > 0 {
+        let id = r.u16()?;
+        if id == 0 {
+            return Err(PacketError::Malformed("PUBLISH with packet identifier 0"));
+        }
+        Some(id)
+    } else {
+        None
+    };
     let mut alias = None;
+    let mut content_type = None;
     if v5 {
         let block = r.properties()?;
         let mut p = Reader::new(block);
         p.varint()?;
         while !p.is_empty() {
-            let id = p.u8()?;
-            if id == TOPIC_ALIAS {
-                alias = Some(p.u16()?);
-            } else {
-                skip_property(&mut p, id)?;
+            match p.u8()? {
+                TOPIC_ALIAS => alias = Some(p.u16()?),
+                CONTENT_TYPE => content_type = Some(p.string()?),
+                id => skip_property(&mut p, id)?,
             }
         }
     }
-    Ok(PublishTopic { name, alias })
+    Ok(Publish {
+        name,
+        alias,
+        qos,
+        retain: frame.flags & 0x01 != 0,
+        dup: frame.flags & 0x08 != 0,
+        packet_id,
+        content_type,
+        payload: &r.buf[r.pos..],
+    })
+}
+
+/// The same PUBLISH at QoS 0 (no packet id, nothing to acknowledge): how the guard hands the
+/// broker a retained telemetry message it has taken in itself, so that subscribers still get
+/// the retained value.
+pub fn at_qos0(packet: &[u8], frame: Frame) -> Vec<u8> {
+    let body = &packet[frame.header..frame.len];
+    let qos = (frame.flags >> 1) & 0x03;
+    let mut out = Vec::with_capacity(body.len());
+    // Topic name (2 + len), then the packet id for QoS > 0, then the rest.
+    let name_len = 2 + usize::from(u16::from_be_bytes([body[0], body[1]]));
+    out.extend_from_slice(&body[..name_len]);
+    let rest = if qos > 0 { name_len + 2 } else { name_len };
+    out.extend_from_slice(&body[rest..]);
+    framed((PUBLISH << 4) | (frame.flags & 0x01), &out)
+}
+
+/// The packet id of a PUBREL (or any packet that starts with one).
+pub fn packet_id(packet: &[u8], frame: Frame) -> Result<u16, PacketError> {
+    Reader::new(&packet[frame.header..frame.len]).u16()
+}
+
+/// An acknowledgement the guard sends (PUBACK, PUBREC or PUBCOMP): MQTT 5 carries a reason
+/// code when it is not success; MQTT 3.1.1 has none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reply {
+    bytes: [u8; 5],
+    len: u8,
+}
+
+impl Reply {
+    pub fn new(kind: u8, packet_id: u16, reason: u8, v5: bool) -> Self {
+        let [hi, lo] = packet_id.to_be_bytes();
+        let first = (kind << 4) | if kind == PUBREL { 0x02 } else { 0 };
+        if v5 && reason != 0 {
+            Self {
+                bytes: [first, 3, hi, lo, reason],
+                len: 5,
+            }
+        } else {
+            Self {
+                bytes: [first, 2, hi, lo, 0],
+                len: 4,
+            }
+        }
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+}
+
+/// MQTT 5 reason codes the guard answers a PUBLISH with (§3.4.2.1).
+pub mod reason {
+    pub const SUCCESS: u8 = 0x00;
+    pub const NOT_AUTHORIZED: u8 = 0x87;
+    pub const TOPIC_NAME_INVALID: u8 = 0x90;
+    pub const QUOTA_EXCEEDED: u8 = 0x97;
+    pub const PAYLOAD_FORMAT_INVALID: u8 = 0x99;
 }
 
 /// Skips the value of MQTT 5 property `id` (§2.2.2.2).
@@ -513,24 +606,59 @@ mod tests {
     }
 
     #[test]
-    fn publish_topic_and_alias() {
-        // QoS 1, topic "a/b", packet id 7, properties: content type "x", topic alias 3.
+    fn publish_fields_alias_and_content_type() {
+        // QoS 1, retained, topic "a/b", packet id 7, properties: content type "x", alias 3,
+        // payload format indicator 1.
         let mut body = Vec::new();
         put_binary(&mut body, b"a/b");
         body.extend_from_slice(&7u16.to_be_bytes());
-        body.extend_from_slice(&[7, 0x03, 0, 1, b'x', 0x23, 0, 3]);
+        body.extend_from_slice(&[9, 0x03, 0, 1, b'x', 0x23, 0, 3, 0x01, 1]);
         body.extend_from_slice(b"payload");
-        let p = framed(0x32, &body);
+        let p = framed(0x33, &body);
         let f = frame(&p, 1000).expect("test").expect("test");
+        let got = publish(&p, f, true).expect("parses");
         assert_eq!(
-            publish_topic(&p, f, true),
-            Ok(PublishTopic {
+            got,
+            Publish {
                 name: "a/b",
-                alias: Some(3)
-            })
+                alias: Some(3),
+                qos: 1,
+                retain: true,
+                dup: false,
+                packet_id: Some(7),
+                content_type: Some("x"),
+                payload: b"payload",
+            }
         );
         // The same bytes read as 3.1.1: no properties, the rest is payload.
-        assert_eq!(publish_topic(&p, f, false).expect("test").alias, None);
+        let v4 = publish(&p, f, false).expect("parses");
+        assert_eq!((v4.alias, v4.content_type), (None, None));
+        assert_eq!(v4.payload.len(), 10 + 7);
+        // Handed to the broker at QoS 0: no packet id, still retained, same payload.
+        let copy = at_qos0(&p, f);
+        let cf = frame(&copy, 1000).expect("test").expect("test");
+        let c = publish(&copy, cf, true).expect("parses");
+        assert_eq!(
+            (c.qos, c.retain, c.packet_id, c.payload),
+            (0, true, None, &b"payload"[..])
+        );
+        assert_eq!(c.content_type, Some("x"));
+    }
+
+    #[test]
+    fn replies_in_both_versions() {
+        assert_eq!(Reply::new(PUBACK, 7, 0, false).as_bytes(), [0x40, 2, 0, 7]);
+        assert_eq!(Reply::new(PUBACK, 7, 0, true).as_bytes(), [0x40, 2, 0, 7]);
+        assert_eq!(
+            Reply::new(PUBACK, 7, 0x99, false).as_bytes(),
+            [0x40, 2, 0, 7]
+        );
+        assert_eq!(
+            Reply::new(PUBACK, 7, 0x99, true).as_bytes(),
+            [0x40, 3, 0, 7, 0x99]
+        );
+        assert_eq!(Reply::new(PUBREC, 258, 0, true).as_bytes(), [0x50, 2, 1, 2]);
+        assert_eq!(Reply::new(PUBCOMP, 1, 0, false).as_bytes(), [0x70, 2, 0, 1]);
     }
 
     #[test]
