@@ -293,7 +293,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<L
     }
     dead_letters.refresh();
     let ledger = metrics.ledger();
-    if ledger.queued + ledger.in_flight > 0 {
+    if !ledger.balanced() {
+        error!(
+            ?ledger,
+            "the ledger does not balance: accepted + inherited differs from where the readings are"
+        );
+    } else if ledger.queued + ledger.in_flight > 0 && ack == config::Ack::Durable {
+        warn!(?ledger, wal = %config.wal.dir.display(), "stopped with readings neither written nor parked; they are still in the write-ahead log and are written first at the next start");
+    } else if ledger.queued + ledger.in_flight > 0 {
         error!(
             ?ledger,
             "stopped with readings neither written nor parked (see the errors above)"

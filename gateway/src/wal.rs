@@ -462,11 +462,12 @@ impl Wal {
         }
         drop(ack);
         self.enter_window(&mut log, parse_id(&id), chunks, readings);
+        self.metrics.wal_bytes.set(log.disk_bytes() as i64);
+        self.metrics.wal_records.set(log.len() as i64);
         drop(log);
         for done in dones.into_iter().flatten() {
             done(Verdict::Accepted);
         }
-        self.refresh();
     }
 
     /// Released once every reading of the record is settled.
@@ -607,10 +608,11 @@ impl Wal {
         }
     }
 
+    /// Runs with every commit and release: cheap counts only, never a walk over the records.
     fn refresh(&self) {
-        let stats = self.lock_log().stats();
-        self.metrics.wal_bytes.set(stats.disk_bytes as i64);
-        self.metrics.wal_records.set(stats.records as i64);
+        let log = self.lock_log();
+        self.metrics.wal_bytes.set(log.disk_bytes() as i64);
+        self.metrics.wal_records.set(log.len() as i64);
     }
 }
 
@@ -753,6 +755,7 @@ mod tests {
     struct Running {
         wal: Arc<Wal>,
         committer: std::thread::JoinHandle<()>,
+        feeder: tokio::task::JoinHandle<()>,
         rx: QueueRx,
         stop: CancellationToken,
         metrics: Arc<Metrics>,
@@ -765,10 +768,11 @@ mod tests {
         let (wal, committer) =
             Wal::open(config(dir, max_bytes), tx.clone(), metrics.clone()).expect("open");
         let stop = CancellationToken::new();
-        tokio::spawn(wal.clone().feed(tx, stop.clone()));
+        let feeder = tokio::spawn(wal.clone().feed(tx, stop.clone()));
         Running {
             wal,
             committer,
+            feeder,
             rx,
             stop,
             metrics,
@@ -819,6 +823,8 @@ mod tests {
 
         async fn stop(self) -> Arc<Metrics> {
             self.stop.cancel();
+            // The feeder holds the log (and its lock) until it has seen the stop.
+            self.feeder.await.expect("feeder");
             self.wal.close().await;
             self.wal.finish();
             drop(self.wal);

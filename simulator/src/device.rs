@@ -4,7 +4,7 @@
 //! The two must be separate tasks: a publish waits for room in rumqttc's bounded request
 //! channel, and only polling the event loop makes that room.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,6 +53,8 @@ pub struct DeviceReport {
     pub bad: BTreeMap<&'static str, u64>,
     /// Time from opening a connection to its CONNACK, per connection.
     pub connect_times: Vec<Duration>,
+    /// QoS 1: time from each PUBLISH leaving to its PUBACK, per acknowledged message.
+    pub ack_times: Vec<Duration>,
     /// Thundering herd: from the moment every device dropped to this one's CONNACK.
     pub herd_reconnect: Option<Duration>,
     /// Offline backlog: readings buffered while offline, and the oldest one's age when sent.
@@ -184,6 +186,7 @@ async fn close(link: &mut Option<Link>, report: &mut DeviceReport) -> Result<()>
         *report.bad.entry(kind).or_default() += n;
     }
     report.connect_times.extend(t.connected_after);
+    report.ack_times.extend(t.ack_times);
     report.backlog_readings += t.backlog_readings;
     report.backlog_max_age = report.backlog_max_age.max(t.backlog_max_age);
     match t.error {
@@ -283,6 +286,7 @@ struct Tally {
     refused: BTreeMap<&'static str, u64>,
     bad: BTreeMap<&'static str, u64>,
     connected_after: Option<Duration>,
+    ack_times: Vec<Duration>,
     backlog_readings: u64,
     backlog_max_age: Duration,
     error: Option<String>,
@@ -310,6 +314,8 @@ async fn drive(
     let mut handed: Option<u64> = None;
     let mut last_progress = Instant::now();
     let mut connected = false;
+    // Packet id → when its PUBLISH left, until its PUBACK.
+    let mut in_flight: HashMap<u16, Instant> = HashMap::new();
 
     loop {
         let finished = if qos1 {
@@ -351,8 +357,11 @@ async fn drive(
                     counters.connected.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            Ok(Progress::Published) => {
+            Ok(Progress::Published(pkid)) => {
                 let now = Instant::now();
+                if qos1 {
+                    in_flight.insert(pkid, now);
+                }
                 if !outstanding {
                     last_progress = now;
                 }
@@ -364,12 +373,16 @@ async fn drive(
                     account(&shared, n, &mut t, meta, now);
                 }
             }
-            Ok(Progress::Acked) => {
+            Ok(Progress::Acked(pkid)) => {
+                if let Some(sent) = in_flight.remove(&pkid) {
+                    t.ack_times.push(sent.elapsed());
+                }
                 t.acked += 1;
                 counters.acked.fetch_add(1, Ordering::Relaxed);
                 last_progress = Instant::now();
             }
-            Ok(Progress::Rejected(reason)) => {
+            Ok(Progress::Rejected(pkid, reason)) => {
+                in_flight.remove(&pkid);
                 t.rejected += 1;
                 last_progress = Instant::now();
                 tracing::debug!("publish rejected: {reason}");
@@ -500,9 +513,10 @@ enum Connection {
 /// The events a device counts.
 enum Progress {
     Connected,
-    Published,
-    Acked,
-    Rejected(String),
+    /// A PUBLISH left, with this packet id (0 at QoS 0).
+    Published(u16),
+    Acked(u16),
+    Rejected(u16, String),
     Disconnected,
     Other,
 }
@@ -548,8 +562,8 @@ impl Connection {
                 use rumqttc::{Event, Packet};
                 match el.poll().await? {
                     Event::Incoming(Packet::ConnAck(_)) => Progress::Connected,
-                    Event::Incoming(Packet::PubAck(_)) => Progress::Acked,
-                    Event::Outgoing(Outgoing::Publish(_)) => Progress::Published,
+                    Event::Incoming(Packet::PubAck(ack)) => Progress::Acked(ack.pkid),
+                    Event::Outgoing(Outgoing::Publish(pkid)) => Progress::Published(pkid),
                     Event::Outgoing(Outgoing::Disconnect) => Progress::Disconnected,
                     _ => Progress::Other,
                 }
@@ -562,11 +576,11 @@ impl Connection {
                     Event::Incoming(Packet::PubAck(ack)) => match ack.reason {
                         // Nobody subscribed is still a delivered publish.
                         PubAckReason::Success | PubAckReason::NoMatchingSubscribers => {
-                            Progress::Acked
+                            Progress::Acked(ack.pkid)
                         }
-                        reason => Progress::Rejected(format!("{reason:?}")),
+                        reason => Progress::Rejected(ack.pkid, format!("{reason:?}")),
                     },
-                    Event::Outgoing(Outgoing::Publish(_)) => Progress::Published,
+                    Event::Outgoing(Outgoing::Publish(pkid)) => Progress::Published(pkid),
                     Event::Outgoing(Outgoing::Disconnect) => Progress::Disconnected,
                     _ => Progress::Other,
                 }

@@ -41,6 +41,8 @@ pub struct Summary {
     pub messages_per_cpu_sec: Option<f64>,
     /// Time from opening each connection to its CONNACK.
     pub connect: Option<Spread>,
+    /// QoS 1: time from each PUBLISH leaving the device to its PUBACK.
+    pub ack_latency: Option<Spread>,
     /// Bad-input messages sent, by kind (the gateway's reason label).
     pub bad_input_sent: BTreeMap<&'static str, u64>,
     /// Readings the gateway should refuse, by reason: bad input plus skewed clocks.
@@ -230,6 +232,12 @@ impl Summary {
                 .filter(|c| *c > 0.0)
                 .map(|c| messages_sent as f64 / c),
             connect: Spread::of(first_connects),
+            ack_latency: Spread::of(
+                reports
+                    .iter()
+                    .flat_map(|r| r.ack_times.iter().copied())
+                    .collect(),
+            ),
             bad_input_sent,
             expected_rejections,
             skew,
@@ -280,6 +288,12 @@ impl Summary {
         }
         if let Some(acked) = self.acked {
             println!("acked     {acked} of {}", self.messages_sent);
+        }
+        if let Some(a) = &self.ack_latency {
+            println!(
+                "puback    publish to PUBACK: p50 {} ms, p99 {} ms, max {} ms",
+                a.p50_ms, a.p99_ms, a.max_ms
+            );
         }
         if let Some(c) = &self.connect {
             println!(

@@ -650,8 +650,18 @@ impl SegLog {
         Ok(())
     }
 
-    fn disk_bytes(&self) -> u64 {
+    /// Bytes of all segment files, live or not (one entry per segment, cheap to sum).
+    pub fn disk_bytes(&self) -> u64 {
         self.segments.values().map(|(_, len)| len).sum()
+    }
+
+    /// Live records, without the walk over them that [`Self::stats`] does.
+    pub fn len(&self) -> usize {
+        self.live.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.live.is_empty()
     }
 
     pub fn stats(&self) -> Stats {
