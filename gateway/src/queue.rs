@@ -1,8 +1,8 @@
 //! The bounded queue between decoding and the sink writers, counted in readings and bytes.
 //!
-//! When it is full, [`QueueTx::push`] waits: ingest stops pulling from the broker until the
-//! writers make room. Nothing is dropped here. (Spilling to disk instead of waiting is a later
-//! stage's decision, made explicit by its own type.)
+//! When it is full, [`QueueTx::push`] waits: ingest stops until the writers make room. Nothing
+//! is dropped here. With the write-ahead log the queue is a window onto it: records that find
+//! no room wait on disk ([`crate::wal`]) rather than in memory.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -27,7 +27,7 @@ pub struct Chunk {
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
-    /// No room right now (only from `try_push`): spill it, wait, or refuse it.
+    /// No room right now (only from `try_push`): wait, or refuse it.
     #[error("queue full")]
     Full(Chunk),
     /// The consumer is gone (shutdown); the chunk comes back so the caller can account for it.
@@ -86,7 +86,7 @@ impl QueueTx {
         self.push_counted(chunk, true).await
     }
 
-    /// Like [`Self::push`], for readings accepted earlier (coming back from the spill).
+    /// Like [`Self::push`], for readings accepted earlier (read back from the write-ahead log).
     pub async fn push_drained(&self, chunk: Chunk) -> Result<(), QueueError> {
         self.push_counted(chunk, false).await
     }
@@ -102,17 +102,9 @@ impl QueueTx {
         self.send(chunk, r, b, newly_accepted).await
     }
 
-    /// Enqueues only if there is room now; a full queue hands the chunk back.
+    /// Enqueues newly accepted readings only if there is room now; a full queue hands the
+    /// chunk back.
     pub async fn try_push(&self, chunk: Chunk) -> Result<(), QueueError> {
-        self.try_push_counted(chunk, true).await
-    }
-
-    /// Like [`Self::try_push`], for readings coming back from the spill.
-    pub async fn try_push_drained(&self, chunk: Chunk) -> Result<(), QueueError> {
-        self.try_push_counted(chunk, false).await
-    }
-
-    async fn try_push_counted(&self, chunk: Chunk, newly_accepted: bool) -> Result<(), QueueError> {
         let (readings, bytes) = self.capacity.cost(&chunk);
         let Ok(r) = self.capacity.readings.try_acquire_many(readings) else {
             return Err(QueueError::Full(chunk));
@@ -120,7 +112,7 @@ impl QueueTx {
         let Ok(b) = self.capacity.bytes.try_acquire_many(bytes) else {
             return Err(QueueError::Full(chunk));
         };
-        self.send(chunk, r, b, newly_accepted).await
+        self.send(chunk, r, b, true).await
     }
 
     /// Enqueues all of `chunks` if there is room for all of them now, or none of them: the

@@ -281,3 +281,69 @@ async fn tls_and_a_password_to_the_broker() {
         "the password never reaches the logs"
     );
 }
+
+/// With `ingest.ack = "durable"` the gateway acknowledges the broker once a message is in its
+/// write-ahead log: the broker keeps nothing, so the log must give everything back after a
+/// `kill -9`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn durable_acknowledgements_to_the_broker_survive_kill_9() {
+    use e2e::proxy::{Fault, FaultProxy};
+    let mq = Mosquitto::start().await;
+    let vm = VictoriaMetrics::start().await;
+    let proxy = FaultProxy::start(&vm.url).await;
+    proxy.set(Fault::Hang);
+    let dir = tempfile::tempdir().expect("tmp");
+    let durable = |sink: &str| {
+        let mut e = env(&mq, &vm, "gw-durable");
+        e.retain(|(k, _)| *k != "GATEWAY_SINK__URL");
+        e.extend([
+            ("GATEWAY_SINK__URL", sink.to_owned()),
+            ("GATEWAY_INGEST__ACK", "durable".into()),
+            (
+                "GATEWAY_WAL__DIR",
+                dir.path().join("wal").display().to_string(),
+            ),
+            (
+                "GATEWAY_DLQ__DIR",
+                dir.path().join("dlq").display().to_string(),
+            ),
+        ]);
+        e
+    };
+    let mut gw = Gateway::start(&durable(&proxy.url)).await;
+    publish(mq.port, load("durable")).await.expect("publishers");
+    // The sink hangs, yet every message is acknowledged to the broker: it is on disk.
+    let m = eventually(
+        Duration::from_secs(60),
+        "all taken in and acknowledged",
+        || async {
+            let m = gw.metrics().await?;
+            anyhow::ensure!(
+                get(&m, "gateway_messages_received_total") >= 10_000.0
+                    && get(&m, "gateway_unacked_messages") == 0.0,
+                "received {}, unacknowledged {}",
+                get(&m, "gateway_messages_received_total"),
+                get(&m, "gateway_unacked_messages")
+            );
+            Ok(m)
+        },
+    )
+    .await;
+    assert_eq!(get(&m, "gateway_readings_accepted_total"), 100_000.0);
+    assert_eq!(
+        get(&m, "gateway_sink_readings_written_total"),
+        0.0,
+        "nothing written yet"
+    );
+    gw.proc.child.kill().expect("kill -9");
+    let _ = gw.proc.child.wait();
+    proxy.set(Fault::Pass);
+    let gw = Gateway::start(&durable(&proxy.url)).await;
+    all_in_sink(&vm, "durable").await;
+    let m = gw.metrics().await.expect("metrics");
+    assert_eq!(
+        get(&m, "gateway_wal_inherited_readings"),
+        100_000.0,
+        "all of it came back from the log"
+    );
+}
