@@ -165,7 +165,7 @@ pub enum AckSetting {
 
 /// `ingest.ack` resolved for the mode: when a message is safe enough to acknowledge.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ack {
+pub enum AckMode {
     /// In the write-ahead log and fdatasynced: survives a crash and a power cut.
     Durable,
     /// Written to the sink or parked in the dead-letter queue; no extra disk writes.
@@ -671,11 +671,11 @@ impl Config {
 
     /// `ingest.ack` with `auto` resolved for the configured mode. External mode's broker
     /// keeps what is not acknowledged, so acknowledging once written costs no safety there.
-    pub fn ack(&self) -> Ack {
+    pub fn ack(&self) -> AckMode {
         match (self.ingest.ack, self.mqtt.mode) {
-            (AckSetting::Auto, MqttMode::Embedded) | (AckSetting::Durable, _) => Ack::Durable,
-            (AckSetting::Auto, MqttMode::External) | (AckSetting::Written, _) => Ack::Written,
-            (AckSetting::Received, _) => Ack::Received,
+            (AckSetting::Auto, MqttMode::Embedded) | (AckSetting::Durable, _) => AckMode::Durable,
+            (AckSetting::Auto, MqttMode::External) | (AckSetting::Written, _) => AckMode::Written,
+            (AckSetting::Received, _) => AckMode::Received,
         }
     }
 
@@ -749,17 +749,21 @@ mod tests {
         assert_eq!(c.batch.linger, Duration::from_millis(200));
         assert_eq!(c.decode.max_payload_bytes, ByteSize::kib(256));
         assert_eq!(c.admin.listen, "127.0.0.1:9184".parse().expect("addr"));
-        assert_eq!(c.ack(), Ack::Durable, "a PUBACK means on disk by default");
+        assert_eq!(
+            c.ack(),
+            AckMode::Durable,
+            "a PUBACK means on disk by default"
+        );
         assert_eq!(c.wal.commit_interval, Duration::from_millis(2));
         let external = Config::from_toml("[mqtt]\nmode = \"external\"\n").expect("valid");
         assert_eq!(
             external.ack(),
-            Ack::Written,
+            AckMode::Written,
             "the broker keeps what is not acknowledged"
         );
         let chosen = Config::from_toml(&format!("{ANONYMOUS}[ingest]\nack = \"received\"\n"))
             .expect("valid");
-        assert_eq!(chosen.ack(), Ack::Received);
+        assert_eq!(chosen.ack(), AckMode::Received);
     }
 
     #[test]

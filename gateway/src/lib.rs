@@ -196,12 +196,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<L
         )
     });
     let ack = config.ack();
-    if ack == config::Ack::Received {
+    if ack == config::AckMode::Received {
         warn!("ingest.ack = \"received\": messages are acknowledged before they are safe; what is in memory is lost if the gateway crashes");
     }
     let feed_stop = CancellationToken::new();
     let (safe, mut wal) = match ack {
-        config::Ack::Durable => {
+        config::AckMode::Durable => {
             let (wal, committer) = wal::Wal::open(config.wal(), queue_tx.clone(), metrics.clone())?;
             let feeder = tokio::spawn(wal.clone().feed(queue_tx.clone(), feed_stop.clone()));
             info!(dir = %config.wal.dir.display(), commit_interval = ?config.wal.commit_interval, "acknowledging once in the write-ahead log and synced");
@@ -210,8 +210,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<L
                 Some((wal, committer, feeder)),
             )
         }
-        config::Ack::Written => (ingest::Safe::Written, None),
-        config::Ack::Received => (ingest::Safe::Received, None),
+        config::AckMode::Written => (ingest::Safe::Written, None),
+        config::AckMode::Received => (ingest::Safe::Received, None),
     };
     let limiter = (config.limits.device_rate > 0).then(|| {
         ingest::limit::RateLimiter::new(config.limits.device_rate, config.limits.device_burst)
@@ -298,7 +298,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<L
             ?ledger,
             "the ledger does not balance: accepted + inherited differs from where the readings are"
         );
-    } else if ledger.queued + ledger.in_flight > 0 && ack == config::Ack::Durable {
+    } else if ledger.queued + ledger.in_flight > 0 && ack == config::AckMode::Durable {
         warn!(?ledger, wal = %config.wal.dir.display(), "stopped with readings neither written nor parked; they are still in the write-ahead log and are written first at the next start");
     } else if ledger.queued + ledger.in_flight > 0 {
         error!(

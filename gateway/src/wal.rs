@@ -129,8 +129,9 @@ pub enum AppendError {
 }
 
 impl Wal {
-    /// Opens the log (recovering what a crash left), starts the committer thread, and returns
-    /// the feeder, which the caller runs: it first replays what an earlier run did not release.
+    /// Opens the log (recovering what a crash left) and starts the committer thread, whose
+    /// handle comes back to be joined after [`Self::finish`]. The caller runs [`Self::feed`],
+    /// which first replays what an earlier run did not release.
     pub fn open(
         config: WalConfig,
         queue: QueueTx,

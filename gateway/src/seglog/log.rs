@@ -87,6 +87,8 @@ pub struct SegLog {
     _lock: Option<File>,
     active: Option<Active>,
     deleted_log: Option<File>,
+    /// Tombstones in `deleted.log` since it was last compacted.
+    tombstones: usize,
     /// Live records by (segment, offset): oldest first.
     live: BTreeMap<(u64, u64), Entry>,
     /// Live records per segment, and each segment's file size.
@@ -100,6 +102,8 @@ pub struct SegLog {
 }
 
 const DELETED: &str = "deleted.log";
+/// Tombstones written before `deleted.log` is compacted again.
+const COMPACT_TOMBSTONES: usize = 65_536;
 const LOCK: &str = "LOCK";
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> LogError + '_ {
@@ -159,6 +163,7 @@ impl SegLog {
             _lock: lock,
             active: None,
             deleted_log: None,
+            tombstones: 0,
             live: BTreeMap::new(),
             segments: BTreeMap::new(),
             damaged: HashSet::new(),
@@ -188,7 +193,7 @@ impl SegLog {
         recovery.segments = dlq.segments.len();
         if writable {
             dlq.drop_dead_segments()?;
-            dlq.compact_deleted()?;
+            dlq.tombstones = dlq.compact_deleted()?;
             if let Some((&seq, &(_, len))) = dlq.segments.iter().next_back() {
                 if len < dlq.options.segment_bytes && !dlq.damaged.contains(&seq) {
                     let path = dlq.dir.join(segment_name(seq));
@@ -381,8 +386,9 @@ impl SegLog {
         sync_dir(&self.dir)
     }
 
-    /// Rewrites `deleted.log` with only the ids of segments that still exist.
-    fn compact_deleted(&mut self) -> Result<(), LogError> {
+    /// Rewrites `deleted.log` with only the ids of segments that still exist; returns how many
+    /// it kept.
+    fn compact_deleted(&mut self) -> Result<usize, LogError> {
         let path = self.dir.join(DELETED);
         let keep: Vec<String> = {
             let mut r = Recovery::default();
@@ -408,7 +414,7 @@ impl SegLog {
                 .open(&path)
                 .map_err(io_err(&path))?,
         );
-        Ok(())
+        Ok(keep.len())
     }
 
     /// Appends a record, durably, and returns its id. [`LogError::Full`] leaves the disk as
@@ -616,7 +622,7 @@ impl SegLog {
         }
         let path = self.dir.join(DELETED);
         if self.deleted_log.is_none() {
-            self.compact_deleted()?;
+            self.tombstones = self.compact_deleted()?;
         }
         let Some(log) = self.deleted_log.as_mut() else {
             return Err(io_err(&path)(std::io::Error::other(
@@ -634,6 +640,7 @@ impl SegLog {
             .and_then(|()| if sync { log.sync_data() } else { Ok(()) })
             .map_err(io_err(&path))?;
         let active = self.active.as_ref().map(|a| a.seq);
+        let written = keys.len();
         let mut emptied = Vec::new();
         for key in keys {
             self.live.remove(&key);
@@ -646,6 +653,19 @@ impl SegLog {
         }
         for seq in emptied {
             self.remove_segment(seq);
+        }
+        // A long-running write-ahead log deletes hundreds of records a second: without this,
+        // deleted.log would grow by megabytes an hour, mostly tombstones of segments long gone.
+        self.tombstones += written;
+        if self.tombstones >= COMPACT_TOMBSTONES {
+            match self.compact_deleted() {
+                Ok(kept) => self.tombstones = kept,
+                // The tombstones are durable in the old file; try again after as many more.
+                Err(e) => {
+                    self.tombstones = 0;
+                    tracing::warn!(error = %e, "cannot compact deleted.log; it grows until the next try");
+                }
+            }
         }
         Ok(())
     }
@@ -910,6 +930,33 @@ mod tests {
             vec![id],
             "no old tombstone hides it"
         );
+    }
+
+    #[test]
+    fn deleted_log_is_compacted_as_it_goes() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let options = Options {
+            sync: false,
+            sync_deletes: false,
+            segment_bytes: 64 * 1024,
+            max_bytes: 1 << 30,
+            ..opts()
+        };
+        let (mut q, _) = SegLog::open(dir.path(), options, true).expect("open");
+        for _ in 0..COMPACT_TOMBSTONES + 5_000 {
+            let id = q
+                .append(&meta(Kind::Accepted, 1), b"m v=1 1\n")
+                .expect("append");
+            q.delete(&[id]).expect("delete");
+        }
+        let size = fs::metadata(dir.path().join(DELETED)).expect("stat").len();
+        // Uncompacted, it would hold 70,536 tombstones of about 18 bytes.
+        assert!(
+            size < 10_000 * 18,
+            "deleted.log is {size} bytes after {} deletes",
+            COMPACT_TOMBSTONES + 5_000
+        );
+        assert_eq!(q.entries().count(), 0);
     }
 
     #[test]
