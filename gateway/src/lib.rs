@@ -68,15 +68,7 @@ enum Ingest {
 /// Opens the dead-letter queue for writing, reporting what recovery found.
 fn open_dlq(config: &Config, metrics: Arc<Metrics>) -> Result<Arc<dlq::SharedDlq>, dlq::DlqError> {
     let (queue, recovery) = dlq::Dlq::open(&config.dlq.dir, dlq::options(&config.dlq), true)?;
-    for damage in &recovery.damaged {
-        error!(%damage, "dead-letter queue damage");
-    }
-    if recovery.torn_bytes > 0 {
-        warn!(
-            bytes = recovery.torn_bytes,
-            "cut a torn write from the dead-letter queue (a crash during an append)"
-        );
-    }
+    recovery.report("dead-letter queue");
     if recovery.records > 0 {
         warn!(records = recovery.records, dir = %config.dlq.dir.display(), "the dead-letter queue holds records");
     }

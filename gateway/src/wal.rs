@@ -151,15 +151,7 @@ impl Wal {
             sync_deletes: false,
         };
         let (log, recovery) = SegLog::open(&config.dir, options, true)?;
-        for damage in &recovery.damaged {
-            error!(%damage, "write-ahead log damage");
-        }
-        if recovery.torn_bytes > 0 {
-            warn!(
-                bytes = recovery.torn_bytes,
-                "cut a torn write from the write-ahead log (a crash during an append; none of it was acknowledged)"
-            );
-        }
+        recovery.report("write-ahead log");
         let stats = log.stats();
         let live_bytes: u64 = log.entries().map(|e| e.data_len as u64).sum();
         let behind = log.entries().next().and_then(|e| parse_id(&e.id));

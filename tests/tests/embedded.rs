@@ -151,6 +151,20 @@ async fn qos2_telemetry_lands_exactly_once() {
     assert_eq!(n as i64, total);
 }
 
+/// The next message delivered to a subscriber.
+async fn next_publish(events: &mut rumqttc::EventLoop) -> rumqttc::Publish {
+    use rumqttc::{Event, Packet};
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(10), events.poll())
+            .await
+            .expect("delivered in time")
+            .expect("connected");
+        if let Event::Incoming(Packet::Publish(p)) = event {
+            return p;
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_is_not_telemetry_is_still_brokered_and_retained_telemetry_is_both() {
     use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -180,15 +194,7 @@ async fn what_is_not_telemetry_is_still_brokered_and_retained_telemetry_is_both(
     )
     .await
     .expect("acknowledged by the broker");
-    let got = loop {
-        let event = tokio::time::timeout(Duration::from_secs(10), sub_events.poll())
-            .await
-            .expect("delivered in time")
-            .expect("connected");
-        if let Event::Incoming(Packet::Publish(p)) = event {
-            break p;
-        }
-    };
+    let got = next_publish(&mut sub_events).await;
     assert_eq!(
         (got.topic.as_str(), &got.payload[..]),
         ("commands/dev-1/reboot", &b"now"[..])
@@ -215,15 +221,7 @@ async fn what_is_not_telemetry_is_still_brokered_and_retained_telemetry_is_both(
     late.subscribe("telemetry/keeper/env", QoS::AtLeastOnce)
         .await
         .expect("queued");
-    let retained = loop {
-        let event = tokio::time::timeout(Duration::from_secs(10), late_events.poll())
-            .await
-            .expect("the retained message in time")
-            .expect("connected");
-        if let Event::Incoming(Packet::Publish(p)) = event {
-            break p;
-        }
-    };
+    let retained = next_publish(&mut late_events).await;
     assert!(retained.retain, "delivered as the retained value");
     assert_eq!(&retained.payload[..], &reading(ts, 7.0)[..]);
     let n = eventually(

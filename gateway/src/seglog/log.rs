@@ -56,6 +56,22 @@ pub struct Recovery {
     pub damaged: Vec<String>,
 }
 
+impl Recovery {
+    /// Logs what opening the log `what` found: damage at error level, a torn tail (a crash
+    /// during an append, whose caller was never told it succeeded) as a warning.
+    pub fn report(&self, what: &str) {
+        for damage in &self.damaged {
+            tracing::error!(%damage, "{what} damage");
+        }
+        if self.torn_bytes > 0 {
+            tracing::warn!(
+                bytes = self.torn_bytes,
+                "cut a torn write from the {what} (a crash during an append, never acknowledged)"
+            );
+        }
+    }
+}
+
 /// Gauges for the metrics and `dlq list`.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Stats {
