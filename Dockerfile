@@ -10,7 +10,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates
 COPY --from=build /src/target/release/gateway /src/target/release/simulator /usr/local/bin/
 USER gateway
 WORKDIR /var/lib/gateway
-ENV GATEWAY_DLQ__DIR=/var/lib/gateway/dlq GATEWAY_QUEUE__SPILL_DIR=/var/lib/gateway/spill
+ENV GATEWAY_DLQ__DIR=/var/lib/gateway/dlq GATEWAY_WAL__DIR=/var/lib/gateway/wal
 EXPOSE 1883 1884 9184
 ENTRYPOINT ["gateway"]
 CMD ["run"]

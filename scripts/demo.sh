@@ -44,7 +44,7 @@ fi
 # The demo lets any device connect (auth.anonymous), on loopback only; see the README's Security.
 echo "gateway: anonymous devices allowed (demo only; production configs use auth.credentials_file)" >&2
 GATEWAY_MQTT__LISTEN="127.0.0.1:$MQTT_PORT" GATEWAY_MQTT__LISTEN_V5="127.0.0.1:$((MQTT_PORT + 1))" \
-  GATEWAY_AUTH__ANONYMOUS="${GATEWAY_AUTH__ANONYMOUS:-true}" GATEWAY_ADMIN__LISTEN="$ADMIN" GATEWAY_DLQ__DIR="$work/dlq" GATEWAY_QUEUE__SPILL_DIR="$work/spill" \
+  GATEWAY_AUTH__ANONYMOUS="${GATEWAY_AUTH__ANONYMOUS:-true}" GATEWAY_ADMIN__LISTEN="$ADMIN" GATEWAY_DLQ__DIR="$work/dlq" GATEWAY_WAL__DIR="$work/wal" \
   ./target/release/gateway run >"$work/gateway.log" 2>&1 &
 gateway_pid=$!
 pids+=("$gateway_pid")

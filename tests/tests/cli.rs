@@ -215,3 +215,40 @@ async fn known_secrets_appear_nowhere_and_the_admin_token_guards_metrics() {
         "failures were logged, so the logs were exercised"
     );
 }
+
+/// Every `GATEWAY_<SECTION>__<KEY>` that the demo, the container image and the compose file
+/// set names a key the gateway has: a renamed or removed key must not leave them behind.
+#[test]
+fn the_shipped_scripts_set_only_keys_the_gateway_has() {
+    let (code, toml, _) = gateway(&["generate-config"], &[]);
+    assert_eq!(code, 0);
+    let mut keys = std::collections::BTreeSet::new();
+    let mut section = String::new();
+    for line in toml.lines().map(str::trim) {
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = name.to_owned();
+        } else if let Some((key, _)) = line.split_once(" = ") {
+            if !line.starts_with('#') {
+                keys.insert(format!("{section}.{key}"));
+            }
+        }
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for file in ["scripts/demo.sh", "Dockerfile", "docker-compose.yml"] {
+        let text = std::fs::read_to_string(root.join(file)).expect("shipped file");
+        for (at, _) in text.match_indices("GATEWAY_") {
+            let name: String = text[at + "GATEWAY_".len()..]
+                .chars()
+                .take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_')
+                .collect();
+            let Some((section, key)) = name.split_once("__") else {
+                continue;
+            };
+            let key = format!("{}.{}", section.to_lowercase(), key.to_lowercase());
+            assert!(
+                keys.contains(&key),
+                "{file} sets GATEWAY_{name}, but there is no {key}"
+            );
+        }
+    }
+}
