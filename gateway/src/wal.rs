@@ -455,8 +455,7 @@ impl Wal {
         }
         drop(ack);
         self.enter_window(&mut log, parse_id(&id), chunks, readings);
-        self.metrics.wal_bytes.set(log.disk_bytes() as i64);
-        self.metrics.wal_records.set(log.len() as i64);
+        self.set_gauges(&log);
         drop(log);
         for done in dones.into_iter().flatten() {
             done(Verdict::Accepted);
@@ -601,9 +600,12 @@ impl Wal {
         }
     }
 
-    /// Runs with every commit and release: cheap counts only, never a walk over the records.
     fn refresh(&self) {
-        let log = self.lock_log();
+        self.set_gauges(&self.lock_log());
+    }
+
+    /// Runs with every commit and release: cheap counts only, never a walk over the records.
+    fn set_gauges(&self, log: &SegLog) {
         self.metrics.wal_bytes.set(log.disk_bytes() as i64);
         self.metrics.wal_records.set(log.len() as i64);
     }

@@ -241,14 +241,6 @@ impl Decoder {
         &self.limits
     }
 
-    /// The device a topic names, if it fits the pattern.
-    pub fn device_of<'t>(&self, topic: &'t str) -> Option<&'t str> {
-        self.pattern
-            .match_topic(topic)
-            .ok()
-            .map(|(device, _)| device)
-    }
-
     /// Decodes one MQTT message, appending a line per accepted reading to `out`.
     ///
     /// `Err` means the whole payload was refused and `out` is as it was.
