@@ -7,43 +7,48 @@
 //! client certificate), and reads every packet the device sends:
 //!
 //! ```text
-//! device ──▶ reader ──telemetry PUBLISH──▶ intake (decode, write-ahead log) ─┐ PUBACK when safe
-//!   ▲          └──everything else──▶ rumqttd (loopback) ──▶ subscribers       │
-//!   └──────── writer ◀── rumqttd's packets, whole ◀──────────────────────────┘ in publish order
+//! device ──▶ reader (session.rs) ──telemetry PUBLISH──▶ intake (decode, write-ahead log) ─┐
+//!   ▲          └──everything else──▶ rumqttd (loopback, opened on first need) ──▶ subscribers
+//!   └──────── writer (writer.rs) ◀── rumqttd's packets, whole ◀── PUBACK when safe ───────┘
 //! ```
 //!
 //! A telemetry PUBLISH (its topic is the pattern's, [`crate::decode::TopicPattern::claims`])
 //! is decoded by the gateway and never reaches rumqttd; its PUBACK (PUBREC for QoS 2) leaves
 //! once the message is safe as `ingest.ack` says, in the order the device published, between
-//! whole packets of rumqttd's. Everything else (subscriptions, other topics, wills) is relayed
-//! to rumqttd, which stays the broker for what a broker is for. A PUBLISH or a will under
-//! another device's id, or a SUBSCRIBE outside the device's own topics, is refused and
-//! counted. rumqttd's own listeners require a random per-process login that only the guard
-//! knows, so the loopback ports are no way around it.
+//! whole packets of rumqttd's. The guard answers CONNECT and PINGREQ itself and enforces the
+//! device's keep-alive, so a device that only publishes telemetry never reaches rumqttd at all
+//! (`upstream.rs`). Everything else (subscriptions, other topics, wills) is relayed to rumqttd,
+//! which stays the broker for what a broker is for. A PUBLISH or a will under another device's
+//! id, or a SUBSCRIBE outside the device's own topics, is refused and counted. rumqttd's own
+//! listeners require a random per-process login that only the guard knows, so the loopback
+//! ports are no way around it.
 
 pub mod credentials;
 pub mod packet;
+mod session;
+mod upstream;
+mod writer;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use self::credentials::{Credentials, Verdict};
-use self::packet::{reason, Connect, Frame, PacketError, Refusal, Reply};
+use self::packet::{Connect, Frame, PacketError, Refusal, Reply, ServerLimits};
+use self::session::{Outcome, Session};
+use self::writer::Outbound;
 use super::limit::RateLimiter;
 use super::{IngestError, Intake, LogBudget};
-use crate::ack::Verdict as Settled;
 use crate::config::Config;
 use crate::decode::TopicPattern;
 use crate::metrics::{Metrics, Reason};
@@ -54,13 +59,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const DISCONNECT_GRACE: Duration = Duration::from_secs(5);
 /// After a violation, how long the broker may take to acknowledge what came before it.
 const VIOLATION_GRACE: Duration = Duration::from_millis(500);
-/// A device's read buffer starts small (thousands of idle devices each hold one) and grows to
-/// the largest packet it has to hold.
+/// A device's read buffer starts small (thousands of idle devices each hold one), grows to
+/// the largest packet it has to hold, and shrinks back once the device is idle.
 const READ_BUFFER: usize = 4 * 1024;
-/// Telemetry messages of one connection whose acknowledgement has not been written yet, at
-/// most: past it the guard stops reading from that device until acknowledgements go out
-/// (more than any client keeps in flight; it bounds what a device that never reads costs).
-const MAX_UNACKED: usize = 4096;
 
 /// What the guard enforces, built from the configuration.
 pub struct Guard {
@@ -75,6 +76,10 @@ pub struct Guard {
     upstream_v5: SocketAddr,
     /// The login rumqttd requires; only the guard has it.
     login: (String, String),
+    /// Which client ids rumqttd may hold a session for.
+    sessions: upstream::Sessions,
+    /// What MQTT 5 devices are told in CONNACK.
+    limits: ServerLimits,
     connections: Arc<Semaphore>,
     connection_rate: Option<Mutex<RateLimiter>>,
     intake: Arc<Intake>,
@@ -174,6 +179,13 @@ impl Guard {
             upstream_v4: upstream.0,
             upstream_v5: upstream.1,
             login,
+            sessions: upstream::Sessions::default(),
+            limits: ServerLimits {
+                receive_maximum: session::MAX_UNACKED as u16,
+                maximum_packet_size: u32::try_from(broker_payload_limit(config))
+                    .unwrap_or(u32::MAX),
+                topic_alias_maximum: session::TOPIC_ALIAS_MAXIMUM,
+            },
             connections: Arc::new(Semaphore::new(config.mqtt.max_connections)),
             connection_rate: (limits.connection_rate > 0).then(|| {
                 Mutex::new(RateLimiter::new(
@@ -348,58 +360,105 @@ impl Guard {
                 return;
             }
         };
+        // A device that sends no client id gets one (MQTT 5 says which in CONNACK); 3.1.1
+        // allows that only for a clean session.
+        let assigned = if connect.client_id.is_empty() {
+            if level != 5 && !connect.clean_start() {
+                self.refused("empty_client_id", &peer, None);
+                let _ = device
+                    .write_all(&packet::connack_refusal(level, Refusal::IdentifierRejected))
+                    .await;
+                return;
+            }
+            Some(assigned_client_id())
+        } else {
+            None
+        };
+        let own_id = assigned.as_deref().unwrap_or(connect.client_id);
         let client_id = match &identity {
             // A client id is scoped to its device, so that no device can take over (and so
             // disconnect) another device's session by reusing its client id.
             // (rumqttd refuses client ids with `/`, `+`, `#` or `$`.)
-            Some(id) if !connect.client_id.is_empty() => format!("{id}:{}", connect.client_id),
-            _ => connect.client_id.to_owned(),
+            Some(id) => format!("{id}:{own_id}"),
+            None => own_id.to_owned(),
         };
-        let upstream = if level == 5 {
-            self.upstream_v5
-        } else {
-            self.upstream_v4
-        };
-        let mut broker = match TcpStream::connect(upstream).await {
-            Ok(s) => s,
-            Err(e) => {
-                warn!(error = %e, "the guard cannot reach the embedded broker");
-                return;
+        let hello = connect.rebuild(
+            &client_id,
+            &self.login.0,
+            self.login.1.as_bytes(),
+            upstream::BROKER_KEEP_ALIVE,
+        );
+        // Only rumqttd can publish a will or resume a session it holds.
+        let opened = if connect.will_topic.is_some() || self.sessions.has(&client_id) {
+            match upstream::open(self.upstream(level == 5), &hello).await {
+                Ok(o) => {
+                    self.sessions.set(&client_id, connect.keeps_session());
+                    Some(o)
+                }
+                Err(upstream::UpstreamError::Refused(_, connack)) => {
+                    self.refused("broker_refused", &peer, None);
+                    let _ = device.write_all(&connack).await;
+                    return;
+                }
+                Err(e) => {
+                    warn!(error = %e, "the guard cannot reach the embedded broker");
+                    return;
+                }
             }
+        } else {
+            None
         };
-        let _ = broker.set_nodelay(true);
-        let hello = connect.rebuild(&client_id, &self.login.0, self.login.1.as_bytes());
-        let keep_alive = Duration::from_secs(u64::from(connect.keep_alive())) / 2;
-        buf.advance(frame.len);
-        if broker.write_all(&hello).await.is_err() {
+        // A clean start is never told of a session, even one rumqttd resumed (keeps_session).
+        let session_present =
+            !connect.clean_start() && opened.as_ref().is_some_and(|o| o.session_present);
+        let connack =
+            packet::connack_accept(level, session_present, &self.limits, assigned.as_deref());
+        // Flushed: TLS would keep it in its buffer until the next write.
+        if device.write_all(&connack).await.is_err() || device.flush().await.is_err() {
             return;
         }
-        let (from_broker, mut to_broker) = broker.into_split();
+        let (keeps_session, keep_alive) = (connect.keeps_session(), connect.keep_alive());
+        let (receive_maximum, max_packet) = (
+            connect.receive_maximum,
+            connect
+                .maximum_packet_size
+                .map_or(usize::MAX, |n| n as usize),
+        );
+        buf.advance(frame.len);
         let (mut from_device, to_device) = tokio::io::split(device);
         let (replies, replies_rx) = mpsc::unbounded_channel();
-        let pings_owed = Arc::new(AtomicU32::new(0));
-        let mut writer = std::pin::pin!(write_loop(
-            from_broker,
+        let (on_behalf, mut on_behalf_rx) = mpsc::unbounded_channel();
+        let (attach, attach_rx) = oneshot::channel();
+        let outbound = Arc::new(Outbound::new(receive_maximum));
+        let limits = writer::Limits {
+            max_packet,
+            outbound: outbound.clone(),
+        };
+        let mut writer = std::pin::pin!(writer::write_loop(
+            attach_rx,
             to_device,
             replies_rx,
-            pings_owed.clone(),
+            on_behalf,
+            limits,
             self.close.clone(),
         ));
-        let mut session = Session {
+        let mut session = Session::new(session::Setup {
             guard: self,
             identity: identity.as_deref(),
             v5: level == 5,
-            aliases: HashMap::new(),
-            replies,
-            next_seq: 0,
-            unacked: Arc::new(Semaphore::new(MAX_UNACKED)),
-            exactly_once: HashSet::new(),
+            client_id,
+            keeps_session,
             keep_alive,
-            last_forward: Instant::now(),
-            pings_owed,
-            forward: Vec::new(),
-        };
-        let relay = session.relay(&mut from_device, &mut to_broker, buf);
+            hello,
+            attach,
+            replies,
+            outbound,
+        });
+        let broker_open = opened.is_some();
+        if let Some(o) = opened {
+            session.opened(o);
+        }
+        let relay = session.relay(&mut from_device, buf, &mut on_behalf_rx, &peer);
         let outcome = tokio::select! {
             outcome = relay => outcome,
             // The broker closed, or the device stopped taking what is written to it.
@@ -419,20 +478,42 @@ impl Guard {
                     "device connection closed"
                 );
             }
+            if session.v5() {
+                session.reply_now(Reply::disconnect(session::disconnect_code(reason)));
+            }
         }
+        let broker_open = broker_open || session.broker_open();
         // Let the broker answer what it was sent (the PUBACKs of the packets before a
         // violation) and, after a DISCONNECT, close its side first: rumqttd 0.20 handles a
         // DISCONNECT and then the socket's close as two disconnections, and the second can cut
         // a device that just took the same connection slot. At shutdown, the writer delivers
-        // the acknowledgements still due until the pipeline has them all.
+        // the acknowledgements still due until the pipeline has them all. Without a broker
+        // side, the writer ends once the replies are written.
         drop(session);
         let grace = match outcome {
             Outcome::Closed => return,
             Outcome::Stopped => return writer.await,
-            Outcome::Disconnected => DISCONNECT_GRACE,
-            Outcome::Violation(..) => VIOLATION_GRACE,
+            Outcome::Disconnected if broker_open => DISCONNECT_GRACE,
+            Outcome::Disconnected | Outcome::Violation(..) => VIOLATION_GRACE,
         };
-        let _ = tokio::time::timeout(grace, writer).await;
+        let _ = tokio::time::timeout(grace, async {
+            writer.await;
+            // The writer has sent its FIN. Closing a socket with unread bytes in it sends a
+            // reset instead, and a reset makes the device's side throw away the last
+            // acknowledgements before its client reads them: read until the device closes.
+            let mut sink = [0u8; 512];
+            while matches!(from_device.read(&mut sink).await, Ok(n) if n > 0) {}
+        })
+        .await;
+    }
+
+    /// rumqttd's loopback listener for the device's protocol version.
+    fn upstream(&self, v5: bool) -> SocketAddr {
+        if v5 {
+            self.upstream_v5
+        } else {
+            self.upstream_v4
+        }
     }
 
     /// The device's identity (`None` for an anonymous device), or why it may not connect.
@@ -496,6 +577,17 @@ pub fn broker_payload_limit(config: &Config) -> usize {
     (config.decode.max_payload_bytes.as_u64() as usize).saturating_mul(2)
 }
 
+/// A client id for a device that sent none: unique within this process, and unlike any a
+/// scoped device gets (those contain `:`).
+fn assigned_client_id() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "gateway-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
 /// Reads until `buf` holds the first packet.
 async fn read_frame<S: AsyncRead + Unpin>(
     device: &mut S,
@@ -519,364 +611,6 @@ async fn read_frame<S: AsyncRead + Unpin>(
     tokio::time::timeout(CONNECT_TIMEOUT, read)
         .await
         .unwrap_or(Err("connect_timeout"))
-}
-
-enum Outcome {
-    /// The device or the broker closed the connection.
-    Closed,
-    /// The device said DISCONNECT.
-    Disconnected,
-    /// The device broke a rule; the connection is closed.
-    Violation(&'static str, String),
-    /// Shutdown: no more reading from the device.
-    Stopped,
-}
-
-/// An acknowledgement due to the device, numbered in the order its PUBLISH arrived.
-struct Due {
-    seq: u64,
-    reply: Reply,
-    /// A place in the connection's window of unacknowledged messages, freed once written.
-    _slot: Option<OwnedSemaphorePermit>,
-}
-
-/// One device's connection after CONNECT: the reading side.
-struct Session<'g> {
-    guard: &'g Guard,
-    identity: Option<&'g str>,
-    v5: bool,
-    /// MQTT 5 topic aliases the device has set.
-    aliases: HashMap<u16, String>,
-    /// To the writer.
-    replies: mpsc::UnboundedSender<Due>,
-    next_seq: u64,
-    unacked: Arc<Semaphore>,
-    /// QoS 2 packet ids taken in and acknowledged with PUBREC, until their PUBREL.
-    exactly_once: HashSet<u16>,
-    /// Half the device's keep-alive: rumqttd drops a connection that sends it nothing for
-    /// 1.5 × keep-alive, and a device that only publishes telemetry sends it nothing at all.
-    keep_alive: Duration,
-    last_forward: Instant,
-    /// PINGREQs the guard sent the broker for the device, whose PINGRESPs are not the device's.
-    pings_owed: Arc<AtomicU32>,
-    /// Packets for the broker from one read, written together.
-    forward: Vec<u8>,
-}
-
-const DISCONNECT: u8 = 14;
-
-impl Session<'_> {
-    async fn relay<R, W>(&mut self, device: &mut R, broker: &mut W, mut buf: BytesMut) -> Outcome
-    where
-        R: AsyncRead + Unpin,
-        W: AsyncWrite + Unpin,
-    {
-        loop {
-            let (used, verdict) = self.handle_all(&buf).await;
-            buf.advance(used);
-            if !self.forward.is_empty() {
-                if broker.write_all(&self.forward).await.is_err() {
-                    return Outcome::Closed;
-                }
-                self.forward.clear();
-                self.last_forward = Instant::now();
-            } else if !self.keep_alive.is_zero() && self.last_forward.elapsed() >= self.keep_alive {
-                // Keep the broker's side of a telemetry-only device alive.
-                self.pings_owed.fetch_add(1, Ordering::AcqRel);
-                if broker.write_all(&[packet::PINGREQ << 4, 0]).await.is_err() {
-                    return Outcome::Closed;
-                }
-                self.last_forward = Instant::now();
-            }
-            if let Some(outcome) = verdict {
-                return outcome;
-            }
-            if buf.capacity() - buf.len() < READ_BUFFER / 4 {
-                buf.reserve(buf.capacity().max(READ_BUFFER));
-            }
-            tokio::select! {
-                biased;
-                _ = self.guard.stop_reading.cancelled() => return Outcome::Stopped,
-                read = device.read_buf(&mut buf) => match read {
-                    Ok(0) | Err(_) => return Outcome::Closed,
-                    Ok(_) => {}
-                },
-            }
-        }
-    }
-
-    /// Handles the whole packets at the front of `buf`: how many bytes they took, and what
-    /// ends the connection after them, if anything.
-    async fn handle_all(&mut self, buf: &[u8]) -> (usize, Option<Outcome>) {
-        let mut at = 0;
-        loop {
-            let frame = match packet::frame(&buf[at..], self.guard.max_packet) {
-                Ok(Some(f)) => f,
-                Ok(None) => return (at, None),
-                Err(e @ PacketError::TooLarge { .. }) => {
-                    return (
-                        at,
-                        Some(Outcome::Violation("packet_too_large", e.to_string())),
-                    )
-                }
-                Err(e) => {
-                    return (
-                        at,
-                        Some(Outcome::Violation("protocol_error", e.to_string())),
-                    )
-                }
-            };
-            let bytes = &buf[at..at + frame.len];
-            if let Err(outcome) = self.handle(bytes, frame).await {
-                return (at, Some(outcome));
-            }
-            at += frame.len;
-            if frame.kind == DISCONNECT {
-                return (at, Some(Outcome::Disconnected));
-            }
-        }
-    }
-
-    /// One packet: taken in (telemetry), answered, or queued for the broker.
-    async fn handle(&mut self, bytes: &[u8], frame: Frame) -> Result<(), Outcome> {
-        let malformed = |e: PacketError| Outcome::Violation("protocol_error", e.to_string());
-        match frame.kind {
-            packet::PUBLISH => {
-                let publish = packet::publish(bytes, frame, self.v5).map_err(malformed)?;
-                let name = match publish.alias {
-                    Some(alias) if publish.name.is_empty() => match self.aliases.get(&alias) {
-                        Some(name) => name.clone(),
-                        None => {
-                            return Err(Outcome::Violation(
-                                "protocol_error",
-                                format!("unknown topic alias {alias}"),
-                            ))
-                        }
-                    },
-                    Some(alias) => {
-                        self.aliases.insert(alias, publish.name.to_owned());
-                        publish.name.to_owned()
-                    }
-                    None => publish.name.to_owned(),
-                };
-                if name.contains(['+', '#']) || name.starts_with('$') {
-                    return Err(Outcome::Violation(
-                        "protocol_error",
-                        format!("publish to {name:?}"),
-                    ));
-                }
-                if !self.guard.intake.is_telemetry(&name) {
-                    self.forward.extend_from_slice(bytes);
-                    return Ok(());
-                }
-                self.telemetry(bytes, frame, &publish, &name).await
-            }
-            packet::PUBREL => {
-                let id = packet::packet_id(bytes, frame).map_err(malformed)?;
-                if self.exactly_once.remove(&id) {
-                    self.reply_now(Reply::new(packet::PUBCOMP, id, reason::SUCCESS, self.v5));
-                } else {
-                    self.forward.extend_from_slice(bytes);
-                }
-                Ok(())
-            }
-            packet::SUBSCRIBE => {
-                let filters =
-                    packet::subscribe_filters(bytes, frame, self.v5).map_err(malformed)?;
-                if let Some(id) = self.identity.filter(|_| self.guard.bind_identity) {
-                    if let Some(f) = filters
-                        .iter()
-                        .find(|f| !self.guard.pattern.filter_within(f, id))
-                    {
-                        return Err(Outcome::Violation(
-                            "subscribe_denied",
-                            format!("subscribed to {f:?}"),
-                        ));
-                    }
-                }
-                self.forward.extend_from_slice(bytes);
-                Ok(())
-            }
-            packet::CONNECT => Err(Outcome::Violation(
-                "protocol_error",
-                "a second CONNECT".to_owned(),
-            )),
-            _ => {
-                self.forward.extend_from_slice(bytes);
-                Ok(())
-            }
-        }
-    }
-
-    /// A telemetry PUBLISH: decoded and taken in here, acknowledged once safe.
-    async fn telemetry(
-        &mut self,
-        bytes: &[u8],
-        frame: Frame,
-        publish: &packet::Publish<'_>,
-        name: &str,
-    ) -> Result<(), Outcome> {
-        let kind = if publish.qos == 2 {
-            packet::PUBREC
-        } else {
-            packet::PUBACK
-        };
-        if let Some(id) = self.identity {
-            if self.guard.bind_identity && !self.guard.may_publish(id, name) {
-                self.guard.metrics.reject("identity_mismatch", true);
-                let detail = format!("published to {name:?}");
-                // MQTT 5 can refuse the one message and keep the connection; 3.1.1 cannot
-                // say no to a publish, so the connection closes.
-                return match publish.packet_id {
-                    Some(pid) if self.v5 => {
-                        self.reply_now(Reply::new(kind, pid, reason::NOT_AUTHORIZED, true));
-                        Ok(())
-                    }
-                    _ => Err(Outcome::Violation("identity_mismatch", detail)),
-                };
-            }
-        }
-        if publish.retain {
-            // Subscribers still get the retained value from the broker.
-            self.forward
-                .extend_from_slice(&packet::at_qos0(bytes, frame));
-        }
-        let done = match publish.packet_id {
-            None => None,
-            // A QoS 2 message sent again before its PUBREL was taken in already.
-            Some(pid) if publish.qos == 2 && publish.dup && self.exactly_once.contains(&pid) => {
-                self.reply_now(Reply::new(kind, pid, reason::SUCCESS, self.v5));
-                return Ok(());
-            }
-            Some(pid) => {
-                let slot = match self.unacked.clone().try_acquire_owned() {
-                    Ok(slot) => slot,
-                    Err(_) => {
-                        // The device is not reading its acknowledgements: wait for room.
-                        self.guard.metrics.ingest_paused.inc();
-                        self.unacked
-                            .clone()
-                            .acquire_owned()
-                            .await
-                            .map_err(|_| Outcome::Closed)?
-                    }
-                };
-                if publish.qos == 2 {
-                    self.exactly_once.insert(pid);
-                }
-                let (seq, replies, v5) = (self.take_seq(), self.replies.clone(), self.v5);
-                let done: crate::ack::Done = Box::new(move |verdict| {
-                    let code = match verdict {
-                        Settled::Accepted => reason::SUCCESS,
-                        Settled::Refused(why) => reason_code(why),
-                    };
-                    let _ = replies.send(Due {
-                        seq,
-                        reply: Reply::new(kind, pid, code, v5),
-                        _slot: Some(slot),
-                    });
-                });
-                Some(done)
-            }
-        };
-        self.guard
-            .intake
-            .accept(name.as_bytes(), publish.payload, publish.content_type, done)
-            .await
-            .map_err(|_| Outcome::Stopped)
-    }
-
-    fn take_seq(&mut self) -> u64 {
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        seq
-    }
-
-    /// An acknowledgement that needs no waiting, in its place after those still due.
-    fn reply_now(&mut self, reply: Reply) {
-        let seq = self.take_seq();
-        let _ = self.replies.send(Due {
-            seq,
-            reply,
-            _slot: None,
-        });
-    }
-}
-
-/// The MQTT 5 reason code for a message refused whole (§3.4.2.1).
-fn reason_code(why: &str) -> u8 {
-    match why {
-        "rate_limited" | "queue_full" | "payload_too_large" => reason::QUOTA_EXCEEDED,
-        "bad_topic" => reason::TOPIC_NAME_INVALID,
-        "identity_mismatch" => reason::NOT_AUTHORIZED,
-        _ => reason::PAYLOAD_FORMAT_INVALID,
-    }
-}
-
-/// The writing side of a connection: the broker's packets, whole, and the guard's own
-/// acknowledgements in the order their messages arrived, between them. Ends when the broker
-/// or the device goes away, or at shutdown once the connection owes nothing more (or the
-/// shutdown is over).
-async fn write_loop<W: AsyncWrite + Unpin>(
-    mut from_broker: tokio::net::tcp::OwnedReadHalf,
-    mut to_device: W,
-    mut replies: mpsc::UnboundedReceiver<Due>,
-    pings_owed: Arc<AtomicU32>,
-    close: CancellationToken,
-) {
-    let mut buf = BytesMut::with_capacity(1024);
-    let mut out: Vec<u8> = Vec::new();
-    let mut waiting: BTreeMap<u64, Due> = BTreeMap::new();
-    let mut next = 0u64;
-    // The session is over and every acknowledgement it promised has come in.
-    let mut all_due = false;
-    let mut closing = false;
-    loop {
-        tokio::select! {
-            read = from_broker.read_buf(&mut buf) => {
-                if !matches!(read, Ok(n) if n > 0) {
-                    return;
-                }
-                // rumqttd's packets go on whole, so that acknowledgements fit between them.
-                while let Ok(Some(frame)) = packet::frame(&buf, usize::MAX) {
-                    let owed = frame.kind == packet::PINGRESP
-                        && pings_owed
-                            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
-                            .is_ok();
-                    if !owed {
-                        out.extend_from_slice(&buf[..frame.len]);
-                    }
-                    buf.advance(frame.len);
-                }
-            }
-            due = replies.recv(), if !all_due => match due {
-                Some(due) => {
-                    waiting.insert(due.seq, due);
-                    while let Ok(due) = replies.try_recv() {
-                        waiting.insert(due.seq, due);
-                    }
-                }
-                None => all_due = true,
-            },
-            // Shutdown: go once what is owed is written.
-            _ = close.cancelled(), if !closing => closing = true,
-        }
-        while let Some(due) = waiting.remove(&next) {
-            out.extend_from_slice(due.reply.as_bytes());
-            next += 1;
-        }
-        if !out.is_empty() {
-            // Flushed, or TLS would keep the last acknowledgement in its buffer.
-            if to_device.write_all(&out).await.is_err() || to_device.flush().await.is_err() {
-                return;
-            }
-            out.clear();
-        }
-        if closing && waiting.is_empty() && (all_due || replies.is_empty()) {
-            let _ = to_device.shutdown().await;
-            return;
-        }
-    }
 }
 
 #[cfg(test)]
@@ -927,20 +661,19 @@ mod tests {
         )
         .expect("guard");
         let (replies, mut replies_rx) = mpsc::unbounded_channel();
-        let mut session = Session {
+        let (attach, _attach_rx) = oneshot::channel();
+        let mut session = Session::new(session::Setup {
             guard: &guard,
             identity: Some("dev-a"),
             v5: false,
-            aliases: HashMap::new(),
+            client_id: "dev-a:c".into(),
+            keeps_session: false,
+            keep_alive: 0,
+            hello: Vec::new(),
+            attach,
             replies,
-            next_seq: 0,
-            unacked: Arc::new(Semaphore::new(MAX_UNACKED)),
-            exactly_once: HashSet::new(),
-            keep_alive: Duration::ZERO,
-            last_forward: Instant::now(),
-            pings_owed: Arc::new(AtomicU32::new(0)),
-            forward: Vec::new(),
-        };
+            outbound: Arc::new(Outbound::new(u16::MAX)),
+        });
         let (mut buf, mut handled, mut forwarded) = (Vec::new(), 0, 0);
         let mut ended = None;
         for chunk in stream.chunks(step) {

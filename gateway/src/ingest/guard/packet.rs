@@ -1,12 +1,14 @@
 //! Just enough MQTT (3.1.1 and 5) to guard the embedded broker and to end telemetry publishes
 //! itself: framing, CONNECT, PUBLISH (topic, packet id, the properties that matter, payload),
-//! PUBREL, the filters of a SUBSCRIBE, the acknowledgements the guard sends, and CONNACK
-//! refusals. Packets are read where they lie in the read buffer; what goes on to the broker is
-//! forwarded as the device sent it, except CONNECT, rebuilt with the guard's own login and a
-//! client id scoped to the device's identity.
+//! PUBREL, the filters of a SUBSCRIBE, the acknowledgements and CONNACKs the guard sends, and
+//! MQTT 5 DISCONNECTs. Packets are read where they lie in the read buffer; what goes on to the
+//! broker is forwarded as the device sent it, except CONNECT, rebuilt with the guard's own
+//! login and a client id scoped to the device's identity, and a PUBLISH that names its topic
+//! by an alias, which the broker gets with the topic spelled out.
 
 /// Control packet types (MQTT 5 §2.1.2; the same numbers in 3.1.1).
 pub const CONNECT: u8 = 1;
+pub const CONNACK: u8 = 2;
 pub const PUBLISH: u8 = 3;
 pub const PUBACK: u8 = 4;
 pub const PUBREC: u8 = 5;
@@ -15,6 +17,7 @@ pub const PUBCOMP: u8 = 7;
 pub const SUBSCRIBE: u8 = 8;
 pub const PINGREQ: u8 = 12;
 pub const PINGRESP: u8 = 13;
+pub const DISCONNECT: u8 = 14;
 
 /// Why bytes from a device are not an MQTT packet the guard can pass on.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -106,6 +109,11 @@ impl<'a> Reader<'a> {
         Ok(u16::from_be_bytes([b[0], b[1]]))
     }
 
+    fn u32(&mut self) -> Result<u32, PacketError> {
+        let b = self.take(4)?;
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
     fn binary(&mut self) -> Result<&'a [u8], PacketError> {
         let n = self.u16()?;
         self.take(usize::from(n))
@@ -152,6 +160,12 @@ pub struct Connect<'a> {
     pub username: Option<&'a str>,
     pub password: Option<&'a [u8]>,
     pub will_topic: Option<&'a str>,
+    /// MQTT 5: how long the session outlives the connection (0: it ends with it).
+    pub session_expiry: u32,
+    /// MQTT 5: how many QoS 1 and 2 messages the device takes unacknowledged at once.
+    pub receive_maximum: u16,
+    /// MQTT 5: the largest packet the device takes.
+    pub maximum_packet_size: Option<u32>,
     protocol_name: &'a [u8],
     flags: u8,
     keep_alive: u16,
@@ -162,6 +176,14 @@ pub struct Connect<'a> {
 const USERNAME_FLAG: u8 = 0x80;
 const PASSWORD_FLAG: u8 = 0x40;
 const WILL_FLAG: u8 = 0x04;
+const CLEAN_START: u8 = 0x02;
+
+const PAYLOAD_FORMAT: u8 = 0x01;
+const SESSION_EXPIRY: u8 = 0x11;
+const ASSIGNED_CLIENT_ID: u8 = 0x12;
+const RECEIVE_MAXIMUM: u8 = 0x21;
+const TOPIC_ALIAS_MAXIMUM: u8 = 0x22;
+const MAXIMUM_PACKET_SIZE: u8 = 0x27;
 
 impl<'a> Connect<'a> {
     /// Parses the CONNECT packet `packet` (fixed header included) framed as `frame`.
@@ -185,6 +207,31 @@ impl<'a> Connect<'a> {
         }
         let keep_alive = r.u16()?;
         let properties = if level == 5 { r.properties()? } else { &[] };
+        let (mut session_expiry, mut receive_maximum, mut maximum_packet_size) =
+            (0, u16::MAX, None);
+        if level == 5 {
+            let mut p = Reader::new(properties);
+            p.varint()?;
+            while !p.is_empty() {
+                match p.u8()? {
+                    SESSION_EXPIRY => session_expiry = p.u32()?,
+                    RECEIVE_MAXIMUM => {
+                        receive_maximum = p.u16()?;
+                        if receive_maximum == 0 {
+                            return Err(PacketError::Malformed("receive maximum of 0"));
+                        }
+                    }
+                    MAXIMUM_PACKET_SIZE => {
+                        let size = p.u32()?;
+                        if size == 0 {
+                            return Err(PacketError::Malformed("maximum packet size of 0"));
+                        }
+                        maximum_packet_size = Some(size);
+                    }
+                    id => skip_property(&mut p, id)?,
+                }
+            }
+        }
         let client_id = r.string()?;
         let will_start = r.pos;
         let will_topic = if flags & WILL_FLAG != 0 {
@@ -217,6 +264,9 @@ impl<'a> Connect<'a> {
             username,
             password,
             will_topic,
+            session_expiry,
+            receive_maximum,
+            maximum_packet_size,
             protocol_name,
             flags,
             keep_alive,
@@ -230,8 +280,33 @@ impl<'a> Connect<'a> {
         self.keep_alive
     }
 
-    /// The same CONNECT with another client id and login: what the guard sends the broker.
-    pub fn rebuild(&self, client_id: &str, username: &str, password: &[u8]) -> Vec<u8> {
+    /// The device asks to start afresh (3.1.1: clean session).
+    pub fn clean_start(&self) -> bool {
+        self.flags & CLEAN_START != 0
+    }
+
+    /// Whether rumqttd keeps a session for this client after the connection ends. rumqttd
+    /// reads only the clean-start flag, as 3.1.1's clean session: it ignores MQTT 5's session
+    /// expiry, so a session that must outlive the connection (expiry > 0) or that resumes one
+    /// (clean start 0) is given to it as a kept session. A clean start with an expiry then
+    /// resumes what rumqttd still holds for the client instead of discarding it.
+    pub fn keeps_session(&self) -> bool {
+        if self.level == 5 {
+            !self.clean_start() || self.session_expiry > 0
+        } else {
+            !self.clean_start()
+        }
+    }
+
+    /// The same CONNECT with another client id, login and keep-alive, and the session flag
+    /// rumqttd understands ([`Self::keeps_session`]): what the guard sends the broker.
+    pub fn rebuild(
+        &self,
+        client_id: &str,
+        username: &str,
+        password: &[u8],
+        keep_alive: u16,
+    ) -> Vec<u8> {
         let mut body = Vec::with_capacity(
             self.protocol_name.len()
                 + 4
@@ -244,8 +319,9 @@ impl<'a> Connect<'a> {
         );
         body.extend_from_slice(self.protocol_name);
         body.push(self.level);
-        body.push(self.flags | USERNAME_FLAG | PASSWORD_FLAG);
-        body.extend_from_slice(&self.keep_alive.to_be_bytes());
+        let clean = if self.keeps_session() { 0 } else { CLEAN_START };
+        body.push((self.flags & !CLEAN_START) | clean | USERNAME_FLAG | PASSWORD_FLAG);
+        body.extend_from_slice(&keep_alive.to_be_bytes());
         body.extend_from_slice(self.properties);
         put_binary(&mut body, client_id.as_bytes());
         body.extend_from_slice(self.will);
@@ -258,9 +334,8 @@ impl<'a> Connect<'a> {
 /// An MQTT 3.1.1 CONNECT with a clean session and a login: how the guard checks that the
 /// broker behind it answers.
 pub fn connect_v4(client_id: &str, username: &str, password: &[u8], keep_alive: u16) -> Vec<u8> {
-    const CLEAN_SESSION: u8 = 0x02;
     let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4];
-    body.push(USERNAME_FLAG | PASSWORD_FLAG | CLEAN_SESSION);
+    body.push(USERNAME_FLAG | PASSWORD_FLAG | CLEAN_START);
     body.extend_from_slice(&keep_alive.to_be_bytes());
     put_binary(&mut body, client_id.as_bytes());
     put_binary(&mut body, username.as_bytes());
@@ -311,6 +386,8 @@ pub struct Publish<'a> {
     pub packet_id: Option<u16>,
     /// MQTT 5 content type.
     pub content_type: Option<&'a str>,
+    /// MQTT 5 payload format indicator 1: the payload says it is UTF-8.
+    pub utf8: bool,
     pub payload: &'a [u8],
 }
 
@@ -336,6 +413,7 @@ pub fn publish(packet: &[u8], frame: Frame, v5: bool) -> Result<Publish<'_>, Pac
     };
     let mut alias = None;
     let mut content_type = None;
+    let mut utf8 = false;
     if v5 {
         let block = r.properties()?;
         let mut p = Reader::new(block);
@@ -344,6 +422,7 @@ pub fn publish(packet: &[u8], frame: Frame, v5: bool) -> Result<Publish<'_>, Pac
             match p.u8()? {
                 TOPIC_ALIAS => alias = Some(p.u16()?),
                 CONTENT_TYPE => content_type = Some(p.string()?),
+                PAYLOAD_FORMAT => utf8 = p.u8()? == 1,
                 id => skip_property(&mut p, id)?,
             }
         }
@@ -356,8 +435,107 @@ pub fn publish(packet: &[u8], frame: Frame, v5: bool) -> Result<Publish<'_>, Pac
         dup: frame.flags & 0x08 != 0,
         packet_id,
         content_type,
+        utf8,
         payload: &r.buf[r.pos..],
     })
+}
+
+/// The MQTT 5 PUBLISH `packet` with its topic alias replaced by the topic `name`: the broker
+/// never saw the PUBLISH that set the alias if the guard took that one in itself.
+pub fn with_topic(packet: &[u8], frame: Frame, name: &str) -> Result<Vec<u8>, PacketError> {
+    let mut r = Reader::new(&packet[frame.header..frame.len]);
+    r.string()?;
+    let qos = (frame.flags >> 1) & 0x03;
+    let mut body = Vec::with_capacity(frame.len + name.len());
+    put_binary(&mut body, name.as_bytes());
+    if qos > 0 {
+        body.extend_from_slice(r.take(2)?);
+    }
+    let block = r.properties()?;
+    let mut p = Reader::new(block);
+    p.varint()?;
+    let mut kept = Vec::with_capacity(block.len());
+    while !p.is_empty() {
+        let start = p.pos;
+        let id = p.u8()?;
+        if id == TOPIC_ALIAS {
+            p.u16()?;
+        } else {
+            skip_property(&mut p, id)?;
+            kept.extend_from_slice(&block[start..p.pos]);
+        }
+    }
+    put_varint(&mut body, kept.len());
+    body.extend_from_slice(&kept);
+    body.extend_from_slice(&r.buf[r.pos..]);
+    Ok(framed(packet[0], &body))
+}
+
+/// QoS and packet id of a PUBLISH the broker sends a device (`None` when it is not one the
+/// guard can read).
+pub fn publish_id(packet: &[u8], frame: Frame) -> Option<(u8, Option<u16>)> {
+    let mut r = Reader::new(&packet[frame.header..frame.len]);
+    r.binary().ok()?;
+    let qos = (frame.flags >> 1) & 0x03;
+    let id = if qos > 0 { Some(r.u16().ok()?) } else { None };
+    Some((qos, id))
+}
+
+/// The packet id and reason code of a PUBACK, PUBREC or PUBCOMP (success when absent).
+pub fn ack_of(packet: &[u8], frame: Frame) -> Result<(u16, u8), PacketError> {
+    let mut r = Reader::new(&packet[frame.header..frame.len]);
+    let id = r.u16()?;
+    let reason = if r.is_empty() { 0 } else { r.u8()? };
+    Ok((id, reason))
+}
+
+/// Session present and the return (3.1.1) or reason (5) code of the broker's CONNACK.
+pub fn connack_of(packet: &[u8], frame: Frame) -> Result<(bool, u8), PacketError> {
+    if frame.kind != CONNACK {
+        return Err(PacketError::Malformed(
+            "the broker's first packet is not CONNACK",
+        ));
+    }
+    let mut r = Reader::new(&packet[frame.header..frame.len]);
+    let flags = r.u8()?;
+    Ok((flags & 0x01 != 0, r.u8()?))
+}
+
+/// What the guard tells an MQTT 5 device about itself in CONNACK.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerLimits {
+    pub receive_maximum: u16,
+    pub maximum_packet_size: u32,
+    pub topic_alias_maximum: u16,
+}
+
+/// The CONNACK that accepts a connection, in the device's protocol version; `assigned` is
+/// the client id the guard chose for a device that sent none (MQTT 5 says it).
+pub fn connack_accept(
+    level: u8,
+    session_present: bool,
+    limits: &ServerLimits,
+    assigned: Option<&str>,
+) -> Vec<u8> {
+    let flags = u8::from(session_present);
+    if level != 5 {
+        return vec![0x20, 2, flags, 0];
+    }
+    let mut props = Vec::with_capacity(16 + assigned.map_or(0, str::len));
+    props.push(RECEIVE_MAXIMUM);
+    props.extend_from_slice(&limits.receive_maximum.to_be_bytes());
+    props.push(MAXIMUM_PACKET_SIZE);
+    props.extend_from_slice(&limits.maximum_packet_size.to_be_bytes());
+    props.push(TOPIC_ALIAS_MAXIMUM);
+    props.extend_from_slice(&limits.topic_alias_maximum.to_be_bytes());
+    if let Some(id) = assigned {
+        props.push(ASSIGNED_CLIENT_ID);
+        put_binary(&mut props, id.as_bytes());
+    }
+    let mut body = vec![flags, 0];
+    put_varint(&mut body, props.len());
+    body.extend_from_slice(&props);
+    framed(CONNACK << 4, &body)
 }
 
 /// The same PUBLISH at QoS 0 (no packet id, nothing to acknowledge): how the guard hands the
@@ -405,16 +583,44 @@ impl Reply {
         }
     }
 
+    /// The answer to a device's PINGREQ.
+    pub fn pingresp() -> Self {
+        Self {
+            bytes: [PINGRESP << 4, 0, 0, 0, 0],
+            len: 2,
+        }
+    }
+
+    /// MQTT 5: the server ends the connection and says why (§3.14); the last packet sent.
+    pub fn disconnect(reason: u8) -> Self {
+        Self {
+            bytes: [DISCONNECT << 4, 1, reason, 0, 0],
+            len: 3,
+        }
+    }
+
+    pub fn is_disconnect(&self) -> bool {
+        self.bytes[0] == DISCONNECT << 4
+    }
+
     pub fn as_bytes(&self) -> &[u8] {
         &self.bytes[..usize::from(self.len)]
     }
 }
 
 /// MQTT 5 reason codes the guard answers a PUBLISH with (§3.4.2.1).
+/// and a DISCONNECT with (§3.14.2.1).
 pub mod reason {
     pub const SUCCESS: u8 = 0x00;
+    pub const UNSPECIFIED: u8 = 0x80;
+    pub const MALFORMED_PACKET: u8 = 0x81;
+    pub const PROTOCOL_ERROR: u8 = 0x82;
     pub const NOT_AUTHORIZED: u8 = 0x87;
+    pub const SERVER_SHUTTING_DOWN: u8 = 0x8B;
+    pub const KEEP_ALIVE_TIMEOUT: u8 = 0x8D;
     pub const TOPIC_NAME_INVALID: u8 = 0x90;
+    pub const TOPIC_ALIAS_INVALID: u8 = 0x94;
+    pub const PACKET_TOO_LARGE: u8 = 0x95;
     pub const QUOTA_EXCEEDED: u8 = 0x97;
     pub const PAYLOAD_FORMAT_INVALID: u8 = 0x99;
 }
@@ -469,6 +675,8 @@ pub fn subscribe_filters(packet: &[u8], frame: Frame, v5: bool) -> Result<Vec<&s
 pub enum Refusal {
     BadCredentials,
     NotAuthorized,
+    /// 3.1.1: an empty client id with a session to keep.
+    IdentifierRejected,
 }
 
 /// The CONNACK that refuses a connection, in the device's protocol version.
@@ -476,6 +684,7 @@ pub fn connack_refusal(level: u8, refusal: Refusal) -> Vec<u8> {
     let (v4, v5) = match refusal {
         Refusal::BadCredentials => (4, 0x86),
         Refusal::NotAuthorized => (5, 0x87),
+        Refusal::IdentifierRejected => (2, 0x85),
     };
     if level == 5 {
         // Session present 0, reason code, no properties.
@@ -557,15 +766,21 @@ mod tests {
     fn rebuilt_connect_keeps_everything_but_the_login() {
         for level in [4, 5] {
             let p = connect_packet(level, Some("telemetry/dev-1/status"), None);
-            let rebuilt = parse(&p).rebuild("dev-1:dev-1", "guard", b"secret");
+            let rebuilt = parse(&p).rebuild("dev-1:dev-1", "guard", b"secret", 60);
             let c = parse(&rebuilt);
             assert_eq!(c.level, level);
             assert_eq!(c.client_id, "dev-1:dev-1");
             assert_eq!(c.username, Some("guard"));
             assert_eq!(c.password, Some(&b"secret"[..]));
             assert_eq!(c.will_topic, Some("telemetry/dev-1/status"));
-            assert_eq!(c.keep_alive, 30);
+            assert_eq!(c.keep_alive, 60, "the guard's own keep-alive");
             assert_eq!(c.properties, parse(&p).properties);
+            assert_eq!(c.session_expiry, if level == 5 { 60 } else { 0 });
+            assert_eq!(
+                c.keeps_session(),
+                level == 5,
+                "v4 here asks for a clean session"
+            );
         }
     }
 
@@ -627,9 +842,26 @@ mod tests {
                 dup: false,
                 packet_id: Some(7),
                 content_type: Some("x"),
+                utf8: true,
                 payload: b"payload",
             }
         );
+        // Forwarded with the topic spelled out and no alias; every other property kept.
+        let named = with_topic(&p, f, "x/y/z").expect("rebuilds");
+        let nf = frame(&named, 1000).expect("test").expect("test");
+        let n = publish(&named, nf, true).expect("parses");
+        assert_eq!(
+            (
+                n.name,
+                n.alias,
+                n.packet_id,
+                n.content_type,
+                n.utf8,
+                n.payload
+            ),
+            ("x/y/z", None, Some(7), Some("x"), true, &b"payload"[..])
+        );
+        assert_eq!(publish_id(&named, nf), Some((1, Some(7))));
         // The same bytes read as 3.1.1: no properties, the rest is payload.
         let v4 = publish(&p, f, false).expect("parses");
         assert_eq!((v4.alias, v4.content_type), (None, None));
