@@ -394,12 +394,13 @@ def ramp(work, vm, mode, mqtt_url, per_msg, rates, devices, secs):
     return {"steps": results, "best": best, "latency": lat}
 
 
-def scale(work, vm, devices, guard=True):
+def scale(work, vm, devices, will=False):
     extra = {"GATEWAY_MQTT__MAX_CONNECTIONS": str(devices + 100)}
     gw = Gateway(work, vm.url, "embedded", extra=extra)
     time.sleep(1)
     before = status_kib(gw.proc.pid, "VmRSS")
-    run = f"scale-{devices}-{int(guard)}"
+    fds_before = len(os.listdir(f"/proc/{gw.proc.pid}/fd"))
+    run = f"scale-{devices}-{int(will)}"
     # One message a minute per device for a little over a minute: every device connects,
     # publishes, and stays connected while the RSS is read.
     sim = subprocess.Popen(
@@ -407,6 +408,7 @@ def scale(work, vm, devices, guard=True):
             SIMULATOR, "run", "--port", str(gw.port), "--devices", str(devices),
             "--rate", f"{1 / 60:.6f}", "--duration", "75s", "--format", "cbor",
             "--run-id", run, "--connect-rate", "2000", "--report", f"{work}/{run}.json",
+            *(["--will"] if will else []),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -414,6 +416,7 @@ def scale(work, vm, devices, guard=True):
     connect_secs = devices / 2000 + 15
     time.sleep(connect_secs)
     during = status_kib(gw.proc.pid, "VmRSS")
+    fds_during = len(os.listdir(f"/proc/{gw.proc.pid}/fd"))
     sim.wait()
     with open(f"{work}/{run}.json") as f:
         report = json.load(f)
@@ -422,10 +425,13 @@ def scale(work, vm, devices, guard=True):
     return {
         "devices": devices,
         "connected": connected,
-        "guard": guard,
+        # A device with a will has a broker session (three descriptors), as one that
+        # subscribes does.
+        "will": will,
         "rss_before_mib": before / 1024,
         "rss_connected_mib": during / 1024,
         "kib_per_connection": (during - before) / max(connected, 1),
+        "fds_per_connection": (fds_during - fds_before) / max(connected, 1),
         "errors": report.get("errors", [])[:3],
     }
 
@@ -518,17 +524,18 @@ def main():
             print("ratios:", json.dumps(ratios, indent=1), flush=True)
         if "scale" in only:
             results["scale"] = []
-            # This machine's hard limit of open files (20,000) caps one process: a device costs
-            # the gateway three descriptors (its socket, the guard's to rumqttd, rumqttd's end).
-            for devices in [1000, 5_000]:
+            # This machine's hard limit of open files (20,000) caps one process. A device that
+            # only publishes telemetry costs the gateway one descriptor (its socket): 18,000
+            # leaves room for the rest.
+            for devices, will in [(1000, False), (18_000, False), (1000, True), (5_000, True)]:
                 if args.quick and devices > 1000:
                     continue
-                s = scale(work, vm, devices)
+                s = scale(work, vm, devices, will)
                 results["scale"].append(s)
                 print(
-                    f"scale: {s['connected']} of {devices} devices connected: "
+                    f"scale: {s['connected']} of {devices} devices connected{' with a will' if will else ''}: "
                     f"RSS {s['rss_before_mib']:.0f} -> {s['rss_connected_mib']:.0f} MiB, "
-                    f"{s['kib_per_connection']:.1f} KiB per connection",
+                    f"{s['kib_per_connection']:.1f} KiB and {s['fds_per_connection']:.2f} file descriptors per connection",
                     flush=True,
                 )
     finally:

@@ -113,6 +113,10 @@ pub struct BrokerArgs {
     #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
     #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
     pub connect_timeout: Option<Duration>,
+    /// [broker.will] Each device sets a last will (`status/<client id>`, "offline")
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub will: Option<bool>,
 }
 
 #[derive(clap::Args, Debug, Default, Serialize)]

@@ -39,6 +39,7 @@ pub struct Broker {
     pub connect_rate: f64,
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    pub will: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

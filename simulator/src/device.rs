@@ -444,7 +444,16 @@ fn connect(shared: &Shared, n: u32) -> (Client, Connection) {
     let access = &shared.access;
     match b.protocol {
         Protocol::V4 => {
+            let will = b.will.then(|| format!("status/{id}"));
             let mut opts = rumqttc::MqttOptions::new(id, b.host.clone(), b.port);
+            if let Some(topic) = will {
+                opts.set_last_will(rumqttc::LastWill::new(
+                    topic,
+                    "offline",
+                    rumqttc::QoS::AtLeastOnce,
+                    false,
+                ));
+            }
             opts.set_keep_alive(KEEP_ALIVE)
                 .set_clean_session(true)
                 .set_inflight(INFLIGHT)
@@ -467,7 +476,17 @@ fn connect(shared: &Shared, n: u32) -> (Client, Connection) {
             )
         }
         Protocol::V5 => {
+            let will = b.will.then(|| format!("status/{id}"));
             let mut opts = rumqttc::v5::MqttOptions::new(id, b.host.clone(), b.port);
+            if let Some(topic) = will {
+                opts.set_last_will(rumqttc::v5::mqttbytes::v5::LastWill::new(
+                    topic,
+                    "offline",
+                    rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                    false,
+                    None,
+                ));
+            }
             opts.set_keep_alive(KEEP_ALIVE)
                 .set_clean_start(true)
                 .set_outgoing_inflight_upper_limit(INFLIGHT)

@@ -61,7 +61,7 @@ const DISCONNECT_GRACE: Duration = Duration::from_secs(5);
 const VIOLATION_GRACE: Duration = Duration::from_millis(500);
 /// A device's read buffer starts small (thousands of idle devices each hold one), grows to
 /// the largest packet it has to hold, and shrinks back once the device is idle.
-const READ_BUFFER: usize = 4 * 1024;
+const READ_BUFFER: usize = 2 * 1024;
 
 /// What the guard enforces, built from the configuration.
 pub struct Guard {
