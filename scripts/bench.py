@@ -54,7 +54,8 @@ import urllib.parse
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GATEWAY = os.path.join(ROOT, "target/release/gateway")
+# BENCH_GATEWAY: another build of the gateway to measure, e.g. an earlier commit beside this one.
+GATEWAY = os.environ.get("BENCH_GATEWAY") or os.path.join(ROOT, "target/release/gateway")
 SIMULATOR = os.path.join(ROOT, "target/release/simulator")
 TICK = os.sysconf("SC_CLK_TCK")
 # Settings given with --env, for every gateway the run starts.
