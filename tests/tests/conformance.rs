@@ -590,3 +590,44 @@ async fn a_payload_that_says_it_is_utf8_and_is_not_is_refused_with_its_reason() 
         1.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mqtt5_session_ends_when_its_expiry_says_though_rumqttd_keeps_sessions_for_ever() {
+    let vm = VictoriaMetrics::start().await;
+    let gw = Gateway::start(&[("GATEWAY_SINK__URL", vm.url.clone())]).await;
+    // CONNECT with clean start as given and a session expiry of 60 s.
+    let hello = |clean: bool| {
+        let mut body = string(b"MQTT");
+        body.extend_from_slice(&[5, if clean { 0x02 } else { 0 }, 0, 30]);
+        body.extend(props(&[0x11, 0, 0, 0, 60]));
+        body.extend(string(b"expiring"));
+        packet(0x10, &body)
+    };
+    let mut d = Raw::open(gw.mqtt5_port, &hello(true)).await;
+    // CONNACK: type, length, session present, reason code, properties.
+    fn flags(c: Vec<u8>) -> (u8, u8, u8) {
+        (c[0], c[2], c[3])
+    }
+    assert_eq!(
+        flags(d.next().await),
+        (0x20, 0, 0),
+        "no session at a clean start"
+    );
+    let mut body = 1u16.to_be_bytes().to_vec();
+    body.extend(props(&[]));
+    body.extend(string(b"commands/expiring"));
+    body.push(1);
+    d.send(&packet(0x82, &body)).await;
+    assert_eq!(d.next().await[0], 0x90, "SUBACK");
+    d.send(&[0xE0, 0]).await;
+    assert_eq!(d.next_within(Duration::from_secs(10)).await, None, "closed");
+    // Back within the expiry: the session is there. It leaves saying the session ends now
+    // (DISCONNECT, reason 0, Session Expiry Interval 0).
+    let mut d = Raw::open(gw.mqtt5_port, &hello(false)).await;
+    assert_eq!(flags(d.next().await), (0x20, 1, 0), "session present");
+    d.send(&[0xE0, 7, 0, 5, 0x11, 0, 0, 0, 0]).await;
+    assert_eq!(d.next_within(Duration::from_secs(10)).await, None, "closed");
+    // So the next connection finds none, though rumqttd kept it: the guard ended it first.
+    let mut d = Raw::open(gw.mqtt5_port, &hello(false)).await;
+    assert_eq!(flags(d.next().await), (0x20, 0, 0), "the session expired");
+}

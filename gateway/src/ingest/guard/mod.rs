@@ -57,8 +57,15 @@ use crate::metrics::{Metrics, Reason};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// After a device's DISCONNECT, how long the broker may take to close its side.
 const DISCONNECT_GRACE: Duration = Duration::from_secs(5);
-/// After a violation, how long the broker may take to acknowledge what came before it.
-const VIOLATION_GRACE: Duration = Duration::from_millis(500);
+/// How long a connection the guard ends stays open for the device to read its last packets,
+/// unless the device closes first.
+const CLOSE_LINGER: Duration = Duration::from_millis(500);
+/// How often expired MQTT 5 sessions are ended in rumqttd.
+const SESSION_SWEEP: Duration = Duration::from_secs(30);
+/// When a connection ends on the guard's side (a violation, or a DISCONNECT with no broker
+/// side), how long the acknowledgements owed for what came before may take: the messages may
+/// be waiting for a sync of the write-ahead log, which a loaded disk can make slow.
+const OWED_GRACE: Duration = Duration::from_secs(5);
 /// A device's read buffer starts small (thousands of idle devices each hold one), grows to
 /// the largest packet it has to hold, and shrinks back once the device is idle.
 const READ_BUFFER: usize = 2 * 1024;
@@ -239,6 +246,7 @@ impl Guard {
         if let Some(c) = &self.credentials {
             tasks.spawn(c.clone().watch(reload, self.metrics.clone()));
         }
+        tasks.spawn(self.clone().expire_sessions());
         for l in listeners.plain {
             tasks.spawn(self.clone().accept(l, None));
         }
@@ -249,6 +257,18 @@ impl Guard {
         self.stop_reading.cancelled().await;
         self.metrics.ingest_up.set(0);
         tasks.abort_all();
+    }
+
+    /// Ends the sessions whose MQTT 5 expiry has passed, so that rumqttd does not hold them for
+    /// ever (a device that comes back first has its expired session ended at its CONNECT).
+    async fn expire_sessions(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(SESSION_SWEEP);
+        loop {
+            tick.tick().await;
+            for id in self.sessions.expired() {
+                self.discard_session(&id).await;
+            }
+        }
     }
 
     /// Logs in to rumqttd's MQTT 3.1.1 listener and out again (a bare TCP probe makes it log
@@ -388,13 +408,19 @@ impl Guard {
             self.login.1.as_bytes(),
             upstream::BROKER_KEEP_ALIVE,
         );
+        let found = match self.sessions.find(&client_id) {
+            upstream::Found::Expired => {
+                // rumqttd never expires a session; the guard makes it drop this one before
+                // the device could resume it.
+                self.discard_session(&client_id).await;
+                upstream::Found::Nothing
+            }
+            found => found,
+        };
         // Only rumqttd can publish a will or resume a session it holds.
-        let opened = if connect.will_topic.is_some() || self.sessions.has(&client_id) {
+        let opened = if connect.will_topic.is_some() || found == upstream::Found::Session {
             match upstream::open(self.upstream(level == 5), &hello).await {
-                Ok(o) => {
-                    self.sessions.set(&client_id, connect.keeps_session());
-                    Some(o)
-                }
+                Ok(o) => Some(o),
                 Err(upstream::UpstreamError::Refused(_, connack)) => {
                     self.refused("broker_refused", &peer, None);
                     let _ = device.write_all(&connack).await;
@@ -418,6 +444,7 @@ impl Guard {
             return;
         }
         let (keeps_session, keep_alive) = (connect.keeps_session(), connect.keep_alive());
+        let session_expiry = connect.session_expiry;
         let (receive_maximum, max_packet) = (
             connect.receive_maximum,
             connect
@@ -448,6 +475,7 @@ impl Guard {
             v5: level == 5,
             client_id,
             keeps_session,
+            session_expiry: (level == 5).then_some(session_expiry),
             keep_alive,
             hello,
             attach,
@@ -483,6 +511,7 @@ impl Guard {
             }
         }
         let broker_open = broker_open || session.broker_open();
+        session.end();
         // Let the broker answer what it was sent (the PUBACKs of the packets before a
         // violation) and, after a DISCONNECT, close its side first: rumqttd 0.20 handles a
         // DISCONNECT and then the socket's close as two disconnections, and the second can cut
@@ -494,17 +523,31 @@ impl Guard {
             Outcome::Closed => return,
             Outcome::Stopped => return writer.await,
             Outcome::Disconnected if broker_open => DISCONNECT_GRACE,
-            Outcome::Disconnected | Outcome::Violation(..) => VIOLATION_GRACE,
+            Outcome::Disconnected | Outcome::Violation(..) => OWED_GRACE,
         };
-        let _ = tokio::time::timeout(grace, async {
-            writer.await;
-            // The writer has sent its FIN. Closing a socket with unread bytes in it sends a
-            // reset instead, and a reset makes the device's side throw away the last
-            // acknowledgements before its client reads them: read until the device closes.
+        if tokio::time::timeout(grace, writer).await.is_err() {
+            return;
+        }
+        // Everything owed is written. A device that was told nothing (3.1.1 has no DISCONNECT
+        // from the server) gets a moment to read its last acknowledgements before the close:
+        // clients that read data and the close together can drop the data (rumqttc over TLS
+        // does). Reading meanwhile also keeps unread bytes from turning the close into a reset,
+        // which would throw those acknowledgements away on the device's side.
+        let _ = tokio::time::timeout(CLOSE_LINGER, async {
             let mut sink = [0u8; 512];
             while matches!(from_device.read(&mut sink).await, Ok(n) if n > 0) {}
         })
         .await;
+    }
+
+    /// Makes rumqttd drop an expired session, if it is still expired.
+    async fn discard_session(&self, client_id: &str) {
+        if !self.sessions.forget_expired(client_id) {
+            return;
+        }
+        if let Err(e) = upstream::discard(self.upstream_v4, client_id, &self.login).await {
+            warn!(error = %e, "cannot end an expired session in the embedded broker");
+        }
     }
 
     /// rumqttd's loopback listener for the device's protocol version.
@@ -668,6 +711,7 @@ mod tests {
             v5: false,
             client_id: "dev-a:c".into(),
             keeps_session: false,
+            session_expiry: None,
             keep_alive: 0,
             hello: Vec::new(),
             attach,

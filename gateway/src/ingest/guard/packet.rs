@@ -489,6 +489,29 @@ pub fn ack_of(packet: &[u8], frame: Frame) -> Result<(u16, u8), PacketError> {
     Ok((id, reason))
 }
 
+/// The session expiry an MQTT 5 DISCONNECT sets, if it sets one.
+pub fn disconnect_expiry(packet: &[u8], frame: Frame) -> Result<Option<u32>, PacketError> {
+    let mut r = Reader::new(&packet[frame.header..frame.len]);
+    if r.is_empty() {
+        return Ok(None);
+    }
+    r.u8()?;
+    if r.is_empty() {
+        return Ok(None);
+    }
+    let block = r.properties()?;
+    let mut p = Reader::new(block);
+    p.varint()?;
+    let mut expiry = None;
+    while !p.is_empty() {
+        match p.u8()? {
+            SESSION_EXPIRY => expiry = Some(p.u32()?),
+            id => skip_property(&mut p, id)?,
+        }
+    }
+    Ok(expiry)
+}
+
 /// Session present and the return (3.1.1) or reason (5) code of the broker's CONNACK.
 pub fn connack_of(packet: &[u8], frame: Frame) -> Result<(bool, u8), PacketError> {
     if frame.kind != CONNACK {

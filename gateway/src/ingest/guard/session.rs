@@ -63,6 +63,8 @@ pub(super) struct Setup<'g> {
     /// The client id rumqttd knows this device by.
     pub client_id: String,
     pub keeps_session: bool,
+    /// MQTT 5's session expiry from CONNECT (`None` for 3.1.1).
+    pub session_expiry: Option<u32>,
     pub keep_alive: u16,
     pub hello: Vec<u8>,
     pub attach: oneshot::Sender<Attach>,
@@ -76,6 +78,9 @@ pub(super) struct Session<'g> {
     v5: bool,
     client_id: String,
     keeps_session: bool,
+    session_expiry: Option<u32>,
+    /// The number of this connection's broker opening, if rumqttd keeps its session.
+    opening: Option<u64>,
     /// MQTT 5 topic aliases the device has set.
     aliases: HashMap<u16, String>,
     /// To the writer.
@@ -102,6 +107,8 @@ impl<'g> Session<'g> {
             v5: s.v5,
             client_id: s.client_id,
             keeps_session: s.keeps_session,
+            session_expiry: s.session_expiry,
+            opening: None,
             aliases: HashMap::new(),
             replies: s.replies,
             next_seq: 0,
@@ -121,6 +128,11 @@ impl<'g> Session<'g> {
 
     /// The broker's side is open: the reader writes to it, the writer reads from it.
     pub fn opened(&mut self, opened: upstream::Opened) {
+        let opening = self
+            .guard
+            .sessions
+            .opened(&self.client_id, self.keeps_session);
+        self.opening = self.keeps_session.then_some(opening);
         let old = std::mem::replace(
             &mut self.broker,
             Broker::Open {
@@ -139,6 +151,15 @@ impl<'g> Session<'g> {
 
     pub fn broker_open(&self) -> bool {
         matches!(self.broker, Broker::Open { .. })
+    }
+
+    /// The connection is over: from now the session rumqttd keeps for it may expire.
+    pub fn end(&self) {
+        if let Some(opening) = self.opening {
+            self.guard
+                .sessions
+                .ended(&self.client_id, opening, self.session_expiry);
+        }
     }
 
     pub fn v5(&self) -> bool {
@@ -270,7 +291,6 @@ impl<'g> Session<'g> {
                 return Err(Outcome::Violation("broker_refused", e.to_string()));
             }
         };
-        self.guard.sessions.set(&self.client_id, self.keeps_session);
         self.opened(opened);
         Ok(())
     }
@@ -383,6 +403,14 @@ impl<'g> Session<'g> {
                 Ok(())
             }
             packet::DISCONNECT => {
+                if self.v5 {
+                    // MQTT 5 may change the session's expiry as it leaves.
+                    if let Some(expiry) =
+                        packet::disconnect_expiry(bytes, frame).map_err(malformed)?
+                    {
+                        self.session_expiry = Some(expiry);
+                    }
+                }
                 // The broker needs it only to drop the will.
                 if self.broker_open() {
                     self.forward.extend_from_slice(bytes);

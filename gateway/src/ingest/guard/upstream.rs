@@ -7,10 +7,10 @@
 //! there. A device with a will, or one whose earlier connection left a session in rumqttd, gets
 //! its broker side at once, because only rumqttd can publish that will or resume that session.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -80,30 +80,123 @@ pub(super) async fn open(addr: SocketAddr, hello: &[u8]) -> Result<Opened, Upstr
     })
 }
 
-/// Client ids whose broker side was opened with a session that outlives the connection:
-/// rumqttd may hold subscriptions or messages for them, so their next connection opens its
-/// broker side at once. rumqttd keeps sessions in memory only, and so does this.
+/// Where rumqttd may hold a session for a client id, and until when (MQTT 5 session expiry,
+/// which rumqttd does not implement: it keeps every session it was told to keep, for ever).
+/// rumqttd keeps sessions in memory only, and so does this.
 #[derive(Default)]
-pub(super) struct Sessions(Mutex<HashSet<String>>);
+pub(super) struct Sessions(Mutex<SessionMap>);
+
+#[derive(Default)]
+struct SessionMap {
+    held: HashMap<String, Held>,
+    /// Numbers each opening, so that a connection taken over ends nothing of its successor's.
+    next: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    opening: u64,
+    /// When the session expires once its connection has ended; `None` while it is open or
+    /// when it never expires (3.1.1, or MQTT 5's 0xFFFFFFFF).
+    until: Option<Instant>,
+}
+
+/// What rumqttd holds for a client id as a device connects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Found {
+    /// Nothing (as far as the guard knows).
+    Nothing,
+    /// A session to resume.
+    Session,
+    /// A session that has expired but that rumqttd still holds: discard it first.
+    Expired,
+}
 
 impl Sessions {
-    pub fn has(&self, client_id: &str) -> bool {
-        self.lock().contains(client_id)
-    }
-
-    /// Notes whether the broker keeps a session for `client_id` after this connection.
-    pub fn set(&self, client_id: &str, kept: bool) {
-        let mut s = self.lock();
-        if kept {
-            if !s.contains(client_id) {
-                s.insert(client_id.to_owned());
-            }
-        } else {
-            s.remove(client_id);
+    pub fn find(&self, client_id: &str) -> Found {
+        match self.lock().held.get(client_id) {
+            None => Found::Nothing,
+            Some(Held { until: Some(t), .. }) if *t <= Instant::now() => Found::Expired,
+            Some(_) => Found::Session,
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+    /// The broker side of `client_id` opened, and rumqttd keeps its session if `kept`: the
+    /// number of this opening, for [`Self::ended`].
+    pub fn opened(&self, client_id: &str, kept: bool) -> u64 {
+        let mut s = self.lock();
+        s.next += 1;
+        let opening = s.next;
+        if kept {
+            s.held.insert(
+                client_id.to_owned(),
+                Held {
+                    opening,
+                    until: None,
+                },
+            );
+        } else {
+            s.held.remove(client_id);
+        }
+        opening
+    }
+
+    /// The connection that made `opening` ended; its session expires after `expiry` seconds
+    /// (`None` or MQTT 5's 0xFFFFFFFF: never).
+    pub fn ended(&self, client_id: &str, opening: u64, expiry: Option<u32>) {
+        let mut s = self.lock();
+        if let Some(held) = s.held.get_mut(client_id) {
+            if held.opening == opening {
+                held.until = expiry
+                    .filter(|&secs| secs != u32::MAX)
+                    .map(|secs| Instant::now() + Duration::from_secs(u64::from(secs)));
+            }
+        }
+    }
+
+    /// Forgets `client_id` if its session is still the expired one.
+    pub fn forget_expired(&self, client_id: &str) -> bool {
+        let mut s = self.lock();
+        let expired = matches!(
+            s.held.get(client_id),
+            Some(Held { until: Some(t), .. }) if *t <= Instant::now()
+        );
+        if expired {
+            s.held.remove(client_id);
+        }
+        expired
+    }
+
+    /// The client ids whose sessions have expired.
+    pub fn expired(&self) -> Vec<String> {
+        let now = Instant::now();
+        self.lock()
+            .held
+            .iter()
+            .filter(|(_, h)| h.until.is_some_and(|t| t <= now))
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SessionMap> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// Makes rumqttd drop the session of `client_id`: a clean-session CONNECT under that id, then
+/// DISCONNECT, then wait for rumqttd to close (see the guard's DISCONNECT_GRACE for why).
+pub(super) async fn discard(
+    addr: SocketAddr,
+    client_id: &str,
+    login: &(String, String),
+) -> Result<(), UpstreamError> {
+    let hello = packet::connect_v4(client_id, &login.0, login.1.as_bytes(), BROKER_KEEP_ALIVE);
+    let mut opened = open(addr, &hello).await?;
+    opened
+        .to_broker
+        .write_all(&[packet::DISCONNECT << 4, 0])
+        .await?;
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(CONNACK_TIMEOUT, opened.from_broker.read_to_end(&mut rest)).await;
+    Ok(())
 }

@@ -86,8 +86,8 @@ pub(super) struct Limits {
 }
 
 /// Runs the writer. Ends when the broker or the device goes away; when the reader has gone
-/// and every reply is written while no broker side is open; after a DISCONNECT to the device;
-/// or at shutdown once the connection owes nothing more.
+/// and every reply is written while no broker side is open (leaving the socket open); after a
+/// DISCONNECT to the device; or at shutdown once the connection owes nothing more.
 pub(super) async fn write_loop<W: AsyncWrite + Unpin>(
     mut attach: oneshot::Receiver<Attach>,
     mut to_device: W,
@@ -119,6 +119,9 @@ pub(super) async fn write_loop<W: AsyncWrite + Unpin>(
                 }
             }, if reading => {
                 if !matches!(read, Ok(n) if n > 0) {
+                    // The broker closed the session: so does the device's side (a FIN, which
+                    // the device waits for after its DISCONNECT).
+                    let _ = to_device.shutdown().await;
                     return;
                 }
             }
@@ -162,8 +165,13 @@ pub(super) async fn write_loop<W: AsyncWrite + Unpin>(
             out.clear();
         }
         let owes_nothing = waiting.is_empty() && (all_due || (closing && replies.is_empty()));
-        if last || (owes_nothing && (closing || (broker.is_none() && !attach_open))) {
+        if last || (owes_nothing && closing) {
             let _ = to_device.shutdown().await;
+            return;
+        }
+        if owes_nothing && broker.is_none() && !attach_open {
+            // The reader has ended the connection and everything owed is written; the
+            // connection closes after a moment for the device to read it (see `serve`).
             return;
         }
     }
