@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 pub mod proxy;
+pub mod raw;
 
 pub const INSTALL: &str =
     "sudo apt-get install -y --no-install-recommends victoria-metrics influxdb mosquitto \

@@ -5,39 +5,13 @@
 
 use std::time::Duration;
 
+use e2e::raw::{next_publish, packet, string, varint};
 use e2e::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 fn reading(ts: i64, v: f64) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({"ts": ts, "fields": {"v": v}})).expect("json")
-}
-
-fn varint(mut n: usize, out: &mut Vec<u8>) {
-    loop {
-        let mut b = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            b |= 0x80;
-        }
-        out.push(b);
-        if n == 0 {
-            return;
-        }
-    }
-}
-
-fn packet(first: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![first];
-    varint(body.len(), &mut out);
-    out.extend_from_slice(body);
-    out
-}
-
-fn string(s: &[u8]) -> Vec<u8> {
-    let mut out = (s.len() as u16).to_be_bytes().to_vec();
-    out.extend_from_slice(s);
-    out
 }
 
 /// An MQTT 5 property block from its encoded properties.
@@ -163,19 +137,6 @@ async fn subscriber(
             .expect("connected");
         if let Event::Incoming(Packet::SubAck(_)) = e {
             return (client, events);
-        }
-    }
-}
-
-async fn next_publish(events: &mut rumqttc::EventLoop) -> rumqttc::Publish {
-    use rumqttc::{Event, Packet};
-    loop {
-        let event = tokio::time::timeout(Duration::from_secs(10), events.poll())
-            .await
-            .expect("delivered in time")
-            .expect("connected");
-        if let Event::Incoming(Packet::Publish(p)) = event {
-            return p;
         }
     }
 }

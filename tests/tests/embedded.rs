@@ -6,6 +6,7 @@
 use std::io::{Read, Write};
 use std::time::Duration;
 
+use e2e::raw::{next_publish, packet, string};
 use e2e::*;
 
 fn reading(ts: i64, v: f64) -> Vec<u8> {
@@ -151,20 +152,6 @@ async fn qos2_telemetry_lands_exactly_once() {
     assert_eq!(n as i64, total);
 }
 
-/// The next message delivered to a subscriber.
-async fn next_publish(events: &mut rumqttc::EventLoop) -> rumqttc::Publish {
-    use rumqttc::{Event, Packet};
-    loop {
-        let event = tokio::time::timeout(Duration::from_secs(10), events.poll())
-            .await
-            .expect("delivered in time")
-            .expect("connected");
-        if let Event::Incoming(Packet::Publish(p)) = event {
-            return p;
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_is_not_telemetry_is_still_brokered_and_retained_telemetry_is_both() {
     use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -243,31 +230,6 @@ async fn what_is_not_telemetry_is_still_brokered_and_retained_telemetry_is_both(
     );
 }
 
-/// An MQTT 3.1.1 packet: its first byte, remaining length, body.
-fn packet(first: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![first];
-    let mut n = body.len();
-    loop {
-        let mut b = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            b |= 0x80;
-        }
-        out.push(b);
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(body);
-    out
-}
-
-fn string(s: &str) -> Vec<u8> {
-    let mut out = (s.len() as u16).to_be_bytes().to_vec();
-    out.extend_from_slice(s.as_bytes());
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_that_only_publishes_telemetry_outlives_its_keep_alive() {
     let vm = VictoriaMetrics::start().await;
@@ -281,16 +243,16 @@ async fn a_device_that_only_publishes_telemetry_outlives_its_keep_alive() {
         let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(5)))
             .expect("timeout");
-        let mut connect = string("MQTT");
+        let mut connect = string(b"MQTT");
         connect.extend_from_slice(&[4, 0x02, 0, 2]);
-        connect.extend(string("raw-keepalive"));
+        connect.extend(string(b"raw-keepalive"));
         s.write_all(&packet(0x10, &connect)).expect("CONNECT");
         let mut connack = [0u8; 4];
         s.read_exact(&mut connack).expect("CONNACK");
         assert_eq!(connack, [0x20, 2, 0, 0]);
         let mut acked = 0;
         for i in 0..16u16 {
-            let mut body = string("telemetry/raw/alive");
+            let mut body = string(b"telemetry/raw/alive");
             body.extend_from_slice(&(i + 1).to_be_bytes());
             body.extend(reading(ts + i64::from(i), f64::from(i)));
             s.write_all(&packet(0x32, &body)).expect("PUBLISH");
