@@ -273,23 +273,8 @@ impl Guard {
 
     /// Logs in to rumqttd's MQTT 3.1.1 listener and out again (a bare TCP probe makes it log
     /// errors). Its MQTT 5 listener starts in the same breath.
-    async fn probe(&self) -> std::io::Result<()> {
-        let (user, password) = &self.login;
-        let connect = packet::connect_v4("gateway-guard-probe", user, password.as_bytes(), 10);
-        let mut broker = TcpStream::connect(self.upstream_v4).await?;
-        broker.write_all(&connect).await?;
-        let mut connack = [0u8; 4];
-        broker.read_exact(&mut connack).await?;
-        if connack != [0x20, 2, 0, 0] {
-            return Err(std::io::Error::other(
-                "the broker refused the guard's login",
-            ));
-        }
-        broker.write_all(&[0xE0, 0]).await?;
-        // Wait for the broker to close (see DISCONNECT_GRACE).
-        let mut rest = Vec::new();
-        let _ = tokio::time::timeout(DISCONNECT_GRACE, broker.read_to_end(&mut rest)).await;
-        Ok(())
+    async fn probe(&self) -> Result<(), upstream::UpstreamError> {
+        upstream::log_in_and_out(self.upstream_v4, "gateway-guard-probe", &self.login).await
     }
 
     async fn accept(self: Arc<Self>, listener: TcpListener, tls: Option<TlsAcceptor>) {
@@ -482,7 +467,6 @@ impl Guard {
             replies,
             outbound,
         });
-        let broker_open = opened.is_some();
         if let Some(o) = opened {
             session.opened(o);
         }
@@ -510,7 +494,7 @@ impl Guard {
                 session.reply_now(Reply::disconnect(session::disconnect_code(reason)));
             }
         }
-        let broker_open = broker_open || session.broker_open();
+        let broker_open = session.broker_open();
         session.end();
         // Let the broker answer what it was sent (the PUBACKs of the packets before a
         // violation) and, after a DISCONNECT, close its side first: rumqttd 0.20 handles a
@@ -545,7 +529,7 @@ impl Guard {
         if !self.sessions.forget_expired(client_id) {
             return;
         }
-        if let Err(e) = upstream::discard(self.upstream_v4, client_id, &self.login).await {
+        if let Err(e) = upstream::log_in_and_out(self.upstream_v4, client_id, &self.login).await {
             warn!(error = %e, "cannot end an expired session in the embedded broker");
         }
     }

@@ -183,9 +183,10 @@ impl Sessions {
     }
 }
 
-/// Makes rumqttd drop the session of `client_id`: a clean-session CONNECT under that id, then
-/// DISCONNECT, then wait for rumqttd to close (see the guard's DISCONNECT_GRACE for why).
-pub(super) async fn discard(
+/// Logs in to rumqttd as `client_id` with a clean session and out again, then waits for
+/// rumqttd to close (see the guard's DISCONNECT_GRACE for why): how the guard checks that
+/// rumqttd answers, and how it makes rumqttd drop an expired session under that id.
+pub(super) async fn log_in_and_out(
     addr: SocketAddr,
     client_id: &str,
     login: &(String, String),
