@@ -73,9 +73,13 @@ struct Pending {
 
 /// Where the queue's window stands: `behind` is the first record the queue has not had, once
 /// a record did not fit (or at start, when the log holds records of an earlier run).
+/// `decided` is the last record the committer has synced and placed (in the queue or left on
+/// disk): a record after it is in the log but not yet the feeder's, or it could enter the
+/// queue twice, once from the feeder and once from its commit.
 #[derive(Default)]
 struct Window {
     behind: Option<(u64, u64)>,
+    decided: Option<(u64, u64)>,
 }
 
 pub struct Wal {
@@ -155,6 +159,8 @@ impl Wal {
         let stats = log.stats();
         let live_bytes: u64 = log.entries().map(|e| e.data_len as u64).sum();
         let behind = log.entries().next().and_then(|e| parse_id(&e.id));
+        // What an earlier run left is all the feeder's.
+        let decided = log.entries().last().and_then(|e| parse_id(&e.id));
         if stats.accepted_readings > 0 {
             warn!(
                 readings = stats.accepted_readings,
@@ -173,7 +179,7 @@ impl Wal {
             work: Condvar::new(),
             committing: AtomicBool::new(false),
             committed: Condvar::new(),
-            window: Mutex::new(Window { behind }),
+            window: Mutex::new(Window { behind, decided }),
             feed: Notify::new(),
             released: Mutex::new(Vec::new()),
             used: AtomicU64::new(live_bytes),
@@ -363,11 +369,16 @@ impl Wal {
 
     /// Writes the tombstones of released records and gives their room back.
     fn apply_releases(&self) {
-        let ids = std::mem::take(&mut *self.released.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut ids = std::mem::take(&mut *self.released.lock().unwrap_or_else(|p| p.into_inner()));
         if ids.is_empty() {
             return;
         }
+        // Each record's room is given back once, and one already gone does not keep the
+        // others of this round (the log refuses a delete naming an unknown record).
+        ids.sort_unstable();
+        ids.dedup();
         let mut log = self.lock_log();
+        ids.retain(|id| log.get(id).is_some());
         let freed: u64 = ids
             .iter()
             .filter_map(|id| log.get(id))
@@ -410,15 +421,16 @@ impl Wal {
                 }
             }
         };
+        self.failpoints.before_sync();
         if self.failpoints.ack_before_sync {
             // Test failpoint: the bug the power-cut test must catch.
             for done in dones.take().into_iter().flatten() {
                 done(Verdict::Accepted);
             }
         }
-        // The window is decided under the log's lock, so that the feeder, which takes the
-        // same lock to look for records not in the queue, sees this one either before the
-        // decision (and takes it) or after (and finds it decided).
+        // The feeder leaves this record alone until it is placed (`Window::decided`): it is
+        // in the log since the append, and a thread preempted before the sync gave the
+        // feeder time to feed it whole before its commit put it in the queue again.
         let mut log = loop {
             let mut log = self.lock_log();
             if self.failpoints.power_cut_now() {
@@ -483,7 +495,11 @@ impl Wal {
         readings: u32,
     ) {
         let mut w = self.lock_window();
+        w.decided = key;
         if w.behind.is_some() {
+            // The feeder may be waiting for this record.
+            drop(w);
+            self.feed.notify_one();
             return;
         }
         let queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
@@ -514,17 +530,20 @@ impl Wal {
                 let mut w = self.lock_window();
                 match w.behind {
                     None => None,
-                    Some(cursor) => {
-                        let next = log.entries_from(cursor).next().map(|e| e.id.clone());
-                        if next.is_none() {
+                    Some(cursor) => match log.entries_from(cursor).next() {
+                        None => {
                             w.behind = None;
+                            None
                         }
-                        next
-                    }
+                        // Appended, not yet synced and placed: the committer wakes the feeder
+                        // once it is.
+                        Some(e) if parse_id(&e.id) > w.decided => None,
+                        Some(e) => Some(e.id.clone()),
+                    },
                 }
             };
             let Some(id) = next else {
-                if fed_since_log > 0 {
+                if fed_since_log > 0 && self.lock_window().behind.is_none() {
                     info!(
                         readings = fed_since_log,
                         "caught up: the queue holds everything the write-ahead log had waiting"
@@ -686,6 +705,10 @@ mod failpoints {
         syncs: std::sync::atomic::AtomicU64,
         /// `wal_ack_before_sync`: acknowledge a group before its sync (a deliberate bug).
         pub ack_before_sync: bool,
+        /// Unit tests: the committer stops this many microseconds between a record's append
+        /// and its sync, as a thread preempted there on a loaded machine would.
+        #[cfg(test)]
+        pub stall_before_sync_us: std::sync::atomic::AtomicU64,
     }
 
     impl Wal {
@@ -709,6 +732,18 @@ mod failpoints {
         #[cfg(not(feature = "failpoints"))]
         pub fn from_env() -> Self {
             Self::default()
+        }
+
+        pub fn before_sync(&self) {
+            #[cfg(test)]
+            {
+                let us = self
+                    .stall_before_sync_us
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                if us > 0 {
+                    std::thread::sleep(std::time::Duration::from_micros(us));
+                }
+            }
         }
 
         pub fn power_cut_now(&self) -> bool {
@@ -929,6 +964,67 @@ mod tests {
         assert!(blocked.await.expect("joined"), "room again once released");
         let _ = r.take(1, true).await;
         r.stop().await;
+    }
+
+    /// The feeder and the committer race for a record that is appended but not yet synced:
+    /// the feeder must leave it to the committer's decision, or the record enters the queue
+    /// twice (its readings written twice, the log's room given back twice).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_record_enters_the_queue_once_while_the_window_moves() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let total = 3000u32;
+        // A queue of 3 readings: the window falls behind and catches up all the time.
+        let mut r = start(dir.path(), 1 << 20, 3);
+        r.wal
+            .failpoints
+            .stall_before_sync_us
+            .store(1000, Ordering::Relaxed);
+        let wal = r.wal.clone();
+        let producer = tokio::spawn(async move {
+            for i in 0..total {
+                assert!(wal.append(chunk(i), None, true).await.is_ok());
+                if i % 10 == 0 {
+                    // Groups of about ten messages, one commit each.
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+        });
+        let mut seen = vec![0u32; total as usize];
+        let mut got = 0;
+        while got < total {
+            let c = tokio::time::timeout(Duration::from_secs(10), r.rx.recv())
+                .await
+                .expect("a chunk in time")
+                .expect("open");
+            for line in std::str::from_utf8(&c.lines).expect("utf-8").lines() {
+                let i: usize = line
+                    .rsplit(' ')
+                    .next()
+                    .and_then(|t| t.parse().ok())
+                    .expect("ts");
+                seen[i] += 1;
+            }
+            got += c.readings;
+            c.ack.as_ref().expect("a record's ack").settle(c.readings);
+            r.metrics.readings_in_flight.dec_by(i64::from(c.readings));
+            // A consumer a little slower than the appends.
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        producer.await.expect("producer");
+        let twice: Vec<usize> = (0..seen.len()).filter(|&i| seen[i] != 1).collect();
+        assert!(
+            twice.is_empty(),
+            "readings not seen exactly once: {twice:?}"
+        );
+        for _ in 0..400 {
+            if r.wal.used.load(Ordering::Acquire) == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(r.wal.used.load(Ordering::Acquire), 0, "all room given back");
+        let m = r.stop().await;
+        assert_eq!(m.wal_readings.get(), 0);
     }
 
     #[test]

@@ -17,11 +17,29 @@ pub const INSTALL: &str =
      (or run ./scripts/test.sh, which installs them)";
 
 /// A port nobody listens on right now.
+///
+/// Ports come from below the kernel's ephemeral range (32768 and up on Linux), so that no
+/// outgoing connection of the gateway or a server takes one between this check and its
+/// listener's bind, and none is handed out twice in one test process. Test processes run in
+/// parallel start at offsets of their own (by process id), so they rarely meet.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("the loopback interface has free ports")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 10_000;
+    const SPAN: u32 = 22_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(7_919) % SPAN;
+    for _ in 0..SPAN {
+        let step = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = LOW + (start + step.wrapping_mul(13)) % SPAN;
+        let port = u16::try_from(port).expect("below 65536");
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!(
+        "no free port on the loopback interface between {LOW} and {}",
+        LOW + SPAN
+    )
 }
 
 fn require(binary: &str) -> PathBuf {

@@ -620,4 +620,9 @@ async fn a_full_write_ahead_log_holds_devices_back_instead_of_dropping() {
         published as f64,
         "nothing dropped"
     );
+    // The sink never came back: every reading is parked exactly once, none left in the log.
+    let m = gw
+        .wait_metric("gateway_dlq_readings", published as f64)
+        .await;
+    assert_eq!(get(&m, "gateway_wal_readings"), 0.0, "{m:?}");
 }
