@@ -592,3 +592,114 @@ async fn an_mqtt5_session_ends_when_its_expiry_says_though_rumqttd_keeps_session
     let mut d = Raw::open(gw.mqtt5_port, &hello(false)).await;
     assert_eq!(flags(d.next().await), (0x20, 0, 0), "the session expired");
 }
+
+/// MQTT 5 request/response through the embedded broker: what the requester says about its
+/// message (response topic, correlation data, user properties, payload format, content type,
+/// message expiry) reaches the responder, and the answer finds its way back. Publishes and
+/// subscriptions are both QoS 1: rumqttd 0.20 delivers every message at the subscription's
+/// QoS, not the lower of the two (bytebeamio/rumqtt#707), which the guard cannot mend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_request_response_keeps_every_property_of_the_message() {
+    use rumqttc::v5::mqttbytes::v5::{Packet, Publish, PublishProperties};
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+    let vm = VictoriaMetrics::start().await;
+    let gw = Gateway::start(&[("GATEWAY_SINK__URL", vm.url.clone())]).await;
+    async fn subscribed(port: u16, id: &str, filter: &str) -> (AsyncClient, EventLoop) {
+        let (client, mut events) = AsyncClient::new(MqttOptions::new(id, "127.0.0.1", port), 16);
+        client
+            .subscribe(filter, QoS::AtLeastOnce)
+            .await
+            .expect("queued");
+        loop {
+            let e = tokio::time::timeout(Duration::from_secs(10), events.poll())
+                .await
+                .expect("SUBACK in time")
+                .expect("connected");
+            if let Event::Incoming(Packet::SubAck(_)) = e {
+                return (client, events);
+            }
+        }
+    }
+    async fn next_message(events: &mut EventLoop) -> Publish {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let Event::Incoming(Packet::Publish(p)) = events.poll().await.expect("up") {
+                    return p;
+                }
+            }
+        })
+        .await
+        .expect("a message in time")
+    }
+    let port = gw.mqtt5_port;
+    let (responder, mut responder_events) = subscribed(port, "responder", "requests/#").await;
+    let (requester, mut requester_events) =
+        subscribed(port, "requester", "replies/requester").await;
+    let asked = PublishProperties {
+        payload_format_indicator: Some(1),
+        message_expiry_interval: Some(600),
+        response_topic: Some("replies/requester".into()),
+        correlation_data: Some(bytes::Bytes::from_static(b"call-7")),
+        user_properties: vec![("a".into(), "2".into()), ("c".into(), "3".into())],
+        content_type: Some("text/plain".into()),
+        ..Default::default()
+    };
+    requester
+        .publish_with_properties(
+            "requests/time",
+            QoS::AtLeastOnce,
+            false,
+            "what time is it",
+            asked.clone(),
+        )
+        .await
+        .expect("queued");
+    // A client's event loop sends what it publishes only while it is polled.
+    let request = tokio::select! {
+        request = next_message(&mut responder_events) => request,
+        _ = async { loop { let _ = requester_events.poll().await; } } => unreachable!(),
+    };
+    assert_eq!(&request.payload[..], b"what time is it");
+    assert_eq!(request.qos, QoS::AtLeastOnce);
+    let got = request.properties.expect("the request's properties");
+    assert_eq!(got.payload_format_indicator, Some(1));
+    assert_eq!(got.content_type.as_deref(), Some("text/plain"));
+    assert_eq!(
+        got.user_properties, asked.user_properties,
+        "in order (§3.3.2.3.7)"
+    );
+    assert_eq!(got.response_topic.as_deref(), Some("replies/requester"));
+    assert_eq!(got.correlation_data.as_deref(), Some(&b"call-7"[..]));
+    // What is left of the expiry, never more than was asked (§3.3.2.3.3).
+    assert!(
+        got.message_expiry_interval
+            .is_some_and(|s| (1..=600).contains(&s)),
+        "message expiry {:?}",
+        got.message_expiry_interval
+    );
+    let answer = PublishProperties {
+        correlation_data: got.correlation_data.clone(),
+        ..Default::default()
+    };
+    responder
+        .publish_with_properties(
+            got.response_topic.clone().expect("a response topic"),
+            QoS::AtLeastOnce,
+            false,
+            "noon",
+            answer,
+        )
+        .await
+        .expect("queued");
+    let reply = tokio::select! {
+        reply = next_message(&mut requester_events) => reply,
+        _ = async { loop { let _ = responder_events.poll().await; } } => unreachable!(),
+    };
+    assert_eq!(&reply.payload[..], b"noon");
+    assert_eq!(
+        reply.properties.and_then(|p| p.correlation_data).as_deref(),
+        Some(&b"call-7"[..]),
+        "the answer carries the request's correlation data"
+    );
+}
