@@ -378,7 +378,15 @@ impl Wal {
         ids.sort_unstable();
         ids.dedup();
         let mut log = self.lock_log();
+        let released = ids.len();
         ids.retain(|id| log.get(id).is_some());
+        if ids.len() < released {
+            // A record settled twice: its readings went into the queue twice.
+            error!(
+                records = released - ids.len(),
+                "write-ahead log records released a second time"
+            );
+        }
         let freed: u64 = ids
             .iter()
             .filter_map(|id| log.get(id))
