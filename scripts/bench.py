@@ -57,6 +57,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # BENCH_GATEWAY: another build of the gateway to measure, e.g. an earlier commit beside this one.
 GATEWAY = os.environ.get("BENCH_GATEWAY") or os.path.join(ROOT, "target/release/gateway")
 SIMULATOR = os.path.join(ROOT, "target/release/simulator")
+FAULT_PROXY = os.path.join(ROOT, "target/release/fault-proxy")
 TICK = os.sysconf("SC_CLK_TCK")
 # Settings given with --env, for every gateway the run starts.
 EXTRA_ENV = {}
@@ -88,6 +89,25 @@ def wait_tcp(port, timeout=20):
         except OSError:
             time.sleep(0.1)
     sys.exit(f"nothing listens on port {port} after {timeout}s")
+
+
+def start_mosquitto(work, name, max_inflight):
+    """mosquitto on a free port, queueing without limit, with this many messages in flight to
+    each subscriber (0: no limit)."""
+    port = free_port()
+    conf = f"{work}/mosquitto-{name}.conf"
+    with open(conf, "w") as f:
+        f.write(
+            f"per_listener_settings true\nuser root\nmax_queued_messages 0\nmax_queued_bytes 0\n"
+            f"max_inflight_messages {max_inflight}\nlistener {port} 127.0.0.1\nallow_anonymous true\n"
+        )
+    proc = subprocess.Popen(
+        [shutil.which("mosquitto") or sys.exit("mosquitto is missing: ./scripts/install-deps.sh"), "-c", conf],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_tcp(port)
+    return proc, port
 
 
 def cpu_secs(pid):
@@ -437,20 +457,122 @@ def scale(work, vm, devices, will=False):
     }
 
 
+class Sampler:
+    """Samples a gateway's RSS and a few gauges every 100 ms, keeping the peaks since the last
+    `take()`."""
+
+    GAUGES = ["gateway_unacked_messages", "gateway_acks_pending", "gateway_queue_readings"]
+
+    def __init__(self, gw):
+        self.gw, self.lock, self.done = gw, threading.Lock(), False
+        self.reset()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def reset(self):
+        self.peak_rss = 0
+        self.peaks = {g: 0.0 for g in self.GAUGES}
+
+    def run(self):
+        while not self.done:
+            rss = status_kib(self.gw.proc.pid, "VmRSS")
+            values = {g: self.gw.metric(g) or 0.0 for g in self.GAUGES}
+            with self.lock:
+                self.peak_rss = max(self.peak_rss, rss)
+                for g, v in values.items():
+                    self.peaks[g] = max(self.peaks[g], v)
+            time.sleep(0.1)
+
+    def take(self):
+        with self.lock:
+            out = {"peak_rss_mib": self.peak_rss / 1024, **{f"peak_{g}": v for g, v in self.peaks.items()}}
+            self.reset()
+        return out
+
+    def stop(self):
+        self.done = True
+        self.thread.join()
+
+
+def overload(work, vm, periods=3, devices=100, rate_per_device=120, secs=10, per_msg=100, sink_rate=200_000):
+    """External mode when the broker delivers far faster than the sink takes: mosquitto with no
+    in-flight limit (`max_inflight_messages 0`, as it is often run: it then ignores the
+    gateway's receive maximum), a sink held to `sink_rate` readings/s by the fault proxy,
+    `periods` bursts of devices × rate × secs messages back to back, each drained before the
+    next. Per period: the gateway's peak RSS, its RSS once drained, and the peaks of the
+    unacknowledged messages and of the acknowledgements due but not yet sent."""
+    proxy = subprocess.Popen([FAULT_PROXY, vm.url, str(sink_rate)], stdout=subprocess.PIPE, text=True)
+    proxy_url = proxy.stdout.readline().strip()
+    mosquitto, mq_port = start_mosquitto(work, "overload", max_inflight=0)
+    gw = Gateway(work, proxy_url, "external", f"mqtt://127.0.0.1:{mq_port}")
+    sampler = Sampler(gw)
+    results, sent, runs = [], 0, []
+    try:
+        for period in range(periods):
+            run = f"overload-{period}"
+            runs.append(run)
+            started = time.time()
+            report = simulate(mq_port, run, devices, devices * rate_per_device, secs, per_msg, f"{work}/{run}.json")
+            sent += report["readings_sent"]
+            published = time.time()
+            deadline = published + 600
+            while (gw.metric("gateway_sink_readings_written_total") or 0) < sent and time.time() < deadline:
+                time.sleep(0.1)
+            drained = time.time()
+            while (gw.metric("gateway_unacked_messages") or 0) > 0 and time.time() < deadline:
+                time.sleep(0.1)
+            time.sleep(1)
+            r = sampler.take()
+            r.update(
+                period=period + 1,
+                messages=report["messages_sent"],
+                readings=report["readings_sent"],
+                published_messages_per_sec=report["messages_per_sec"],
+                publish_secs=published - started,
+                drain_secs=drained - published,
+                rss_drained_mib=status_kib(gw.proc.pid, "VmRSS") / 1024,
+                written=gw.metric("gateway_sink_readings_written_total"),
+            )
+            results.append(r)
+            print(
+                f"  overload period {r['period']}: {r['messages']} messages ({r['published_messages_per_sec']:.0f} msg/s "
+                f"published), drained {r['drain_secs']:.1f} s after the last publish; RSS peak {r['peak_rss_mib']:.0f} MiB, "
+                f"{r['rss_drained_mib']:.0f} MiB once drained; peaks: unacked {r['peak_gateway_unacked_messages']:.0f}, "
+                f"acks due not sent {r['peak_gateway_acks_pending']:.0f}, queue {r['peak_gateway_queue_readings']:.0f} readings",
+                flush=True,
+            )
+    finally:
+        sampler.stop()
+        gw.stop()
+        mosquitto.terminate()
+        mosquitto.wait()
+        proxy.terminate()
+        proxy.wait()
+    seen = 0
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        seen = sum(vm.count(run) for run in runs)
+        if seen >= sent:
+            break
+        time.sleep(2)
+    print(f"  overload: {sent} readings published, {seen} in the sink, lost {max(sent - seen, 0)}", flush=True)
+    return {"periods": results, "readings": sent, "in_sink": seen, "lost": max(sent - seen, 0), "sink_readings_per_sec": sink_rate}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="bench-results.json")
     p.add_argument("--secs", type=int, default=10, help="publishing time of each step")
     p.add_argument("--devices", type=int, default=100, help="devices in the throughput steps")
     p.add_argument("--quick", action="store_true", help="fewer, shorter steps (a smoke run)")
-    p.add_argument("--only", choices=["raw", "ramp", "scale"], action="append")
+    p.add_argument("--only", choices=["raw", "ramp", "overload", "scale"], action="append")
     p.add_argument("--modes", default="embedded,received,external", help="ramps to run")
     p.add_argument("--merge", help="add the results to this earlier JSON (ratios recomputed)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="a setting for every gateway of the run, e.g. GATEWAY_WAL__COMMIT_INTERVAL=1ms")
     args = p.parse_args()
     EXTRA_ENV.update(kv.split("=", 1) for kv in args.env)
-    only = set(args.only or ["raw", "ramp", "scale"])
+    only = set(args.only or ["raw", "ramp", "overload", "scale"])
     secs = 3 if args.quick else args.secs
     work = tempfile.mkdtemp(prefix="gateway-bench-")
     results = {
@@ -475,19 +597,7 @@ def main():
                 flush=True,
             )
         if "ramp" in only:
-            mq_port = free_port()
-            conf = f"{work}/mosquitto.conf"
-            with open(conf, "w") as f:
-                f.write(
-                    f"per_listener_settings true\nuser root\nmax_queued_messages 0\nmax_queued_bytes 0\n"
-                    f"max_inflight_messages 1000\nlistener {mq_port} 127.0.0.1\nallow_anonymous true\n"
-                )
-            mosquitto = subprocess.Popen(
-                [shutil.which("mosquitto") or sys.exit("mosquitto is missing: ./scripts/install-deps.sh"), "-c", conf],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            wait_tcp(mq_port)
+            mosquitto, mq_port = start_mosquitto(work, "ramp", max_inflight=1000)
             mqtt_url = f"mqtt://127.0.0.1:{mq_port}"
             one = [20_000, 60_000] if args.quick else [10_000, 20_000, 40_000, 60_000, 80_000, 100_000, 120_000, 150_000, 180_000]
             hundred = [1_000, 4_000] if args.quick else [1_000, 2_000, 4_000, 6_000, 8_000, 10_000, 12_000]
@@ -523,6 +633,9 @@ def main():
                 ratios["embedded_vs_external_100"] = best("embedded-100") / best("external-100")
             results["ratios"] = ratios
             print("ratios:", json.dumps(ratios, indent=1), flush=True)
+        if "overload" in only:
+            print("external mode under overload:", flush=True)
+            results["overload"] = overload(work, vm, periods=1 if args.quick else 3, secs=secs)
         if "scale" in only:
             results["scale"] = []
             # This machine's hard limit of open files (20,000) caps one process. A device that

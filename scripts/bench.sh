@@ -6,5 +6,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install-deps.sh
-cargo build --locked --release -p gateway --bin gateway -p simulator --bin simulator
+cargo build --locked --release -p gateway --bin gateway -p simulator --bin simulator -p e2e --bin fault-proxy
 exec python3 scripts/bench.py "$@"

@@ -265,13 +265,25 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<L
     }
     drain.cancel();
     let mut batcher = batcher;
+    // External mode acknowledging once written: what is not written by the deadline goes back
+    // to the broker unacknowledged (it delivers it again, to this group), rather than into
+    // this replica's dead-letter queue.
+    let give_back = external && ack == config::AckMode::Written;
     if tokio::time::timeout_at(flush_deadline, &mut batcher)
         .await
         .is_err()
     {
-        warn!(timeout = ?config.shutdown.timeout, "flush is taking too long; retries stop now");
-        deliverer.stop_retrying();
-        let _ = tokio::time::timeout(s.timeout * 2, &mut batcher).await;
+        if give_back {
+            warn!(timeout = ?config.shutdown.timeout, "flush is taking too long; what is not written stays with the broker");
+            // Dropping the batcher drops its writes in flight and the queue: their messages
+            // are never acknowledged.
+            batcher.abort();
+            let _ = batcher.await;
+        } else {
+            warn!(timeout = ?config.shutdown.timeout, "flush is taking too long; retries stop now");
+            deliverer.stop_retrying();
+            let _ = tokio::time::timeout(s.timeout * 2, &mut batcher).await;
+        }
     }
     if let Some((wal, committer, _)) = wal {
         // The tombstones of what the drain wrote.
@@ -292,6 +304,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<L
         );
     } else if ledger.queued + ledger.in_flight > 0 && ack == config::AckMode::Durable {
         warn!(?ledger, wal = %config.wal.dir.display(), "stopped with readings neither written nor parked; they are still in the write-ahead log and are written first at the next start");
+    } else if ledger.queued + ledger.in_flight > 0 && give_back {
+        info!(?ledger, "stopped; the readings not yet written were never acknowledged, and the broker delivers them again");
     } else if ledger.queued + ledger.in_flight > 0 {
         error!(
             ?ledger,
@@ -304,11 +318,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<L
     }
     match ingest {
         Ingest::Embedded(embedded) => embedded.close(CLOSE_GRACE).await,
-        Ingest::External(external) => {
-            // Acknowledgements of the last writes are on their way; then leave the session.
-            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        Ingest::External(mut external) => {
+            // The last acknowledgements are due by now: send them, then leave the session.
             external.finish.cancel();
-            let _ = external.events.await;
+            if tokio::time::timeout(CLOSE_GRACE, &mut external.link)
+                .await
+                .is_err()
+            {
+                warn!("the broker did not take the last acknowledgements in time; it delivers those messages again");
+                external.link.abort();
+            }
         }
     }
     admin_stop.cancel();

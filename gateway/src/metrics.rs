@@ -62,6 +62,7 @@ pub struct Metrics {
     pub ingest_up: Gauge,
     pub self_metrics_failed: Counter,
     pub unacked_messages: Gauge,
+    pub acks_pending: Gauge,
     pub messages_redelivered: Counter,
     pub wal_readings: Gauge,
     pub wal_inherited_readings: Gauge,
@@ -118,6 +119,7 @@ impl Metrics {
             ingest_up: Gauge::default(),
             self_metrics_failed: Counter::default(),
             unacked_messages: Gauge::default(),
+            acks_pending: Gauge::default(),
             messages_redelivered: Counter::default(),
             wal_readings: Gauge::default(),
             wal_inherited_readings: Gauge::default(),
@@ -290,8 +292,13 @@ impl Metrics {
         );
         r.register(
             "gateway_unacked_messages",
-            "Messages received whose acknowledgement (PUBACK) has not gone out yet",
+            "Messages received whose acknowledgement (PUBACK) is not on the wire yet: not yet safe, or safe and waiting to be sent",
             m.unacked_messages.clone(),
+        );
+        r.register(
+            "gateway_acks_pending",
+            "External mode: acknowledgements due (the message is safe or refused) that have not gone out to the broker yet",
+            m.acks_pending.clone(),
         );
         r.register(
             "gateway_messages_redelivered",

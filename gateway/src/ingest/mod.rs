@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use tokio::sync::OwnedSemaphorePermit;
 use tracing::warn;
 
 use crate::ack::{Done, Verdict};
@@ -113,6 +114,9 @@ impl Intake {
     /// Handles one message. `Err` only when the pipeline has closed (shutdown): the message
     /// was not taken, and `done` is dropped unanswered.
     ///
+    /// The future may be dropped at any await (it waits only for room): the message is then
+    /// not taken, nothing of it is counted as accepted, and `done` is dropped unanswered.
+    ///
     /// `done`, when given, acknowledges the message: called once it is safe as `ingest.ack`
     /// says, or at once when it was refused whole.
     pub async fn accept(
@@ -124,7 +128,6 @@ impl Intake {
     ) -> Result<(), QueueError> {
         let received = Instant::now();
         self.metrics.messages_received.inc();
-        let done = done.map(|d| self.unacked(d));
         let Ok(topic) = std::str::from_utf8(topic) else {
             let e = DecodeError::BadTopic("topic is not UTF-8".into());
             self.rejected(&e, "<not UTF-8>", true);
@@ -183,22 +186,6 @@ impl Intake {
             }
         }
         Ok(())
-    }
-
-    /// Counts the message as unacknowledged until `done` is called or dropped.
-    fn unacked(&self, done: Done) -> Done {
-        struct Unacked(Arc<Metrics>);
-        impl Drop for Unacked {
-            fn drop(&mut self) {
-                self.0.unacked_messages.dec();
-            }
-        }
-        self.metrics.unacked_messages.inc();
-        let pending = Unacked(self.metrics.clone());
-        Box::new(move |verdict| {
-            let _pending = pending;
-            done(verdict);
-        })
     }
 
     fn decoder(&self) -> Decoder {
@@ -315,6 +302,30 @@ impl Intake {
             let topic: String = topic.chars().take(128).collect();
             warn!(reason = e.reason(), %topic, whole_message = whole, "rejected: {e}");
         }
+    }
+}
+
+/// A message's place in its connection's window of messages not yet acknowledged, from its
+/// receipt until its acknowledgement is on the wire (or the message is given up, and sent
+/// again by its sender): counted in `gateway_unacked_messages` meanwhile.
+pub struct Unacked {
+    _slot: OwnedSemaphorePermit,
+    metrics: Arc<Metrics>,
+}
+
+impl Unacked {
+    pub fn new(slot: OwnedSemaphorePermit, metrics: Arc<Metrics>) -> Self {
+        metrics.unacked_messages.inc();
+        Self {
+            _slot: slot,
+            metrics,
+        }
+    }
+}
+
+impl Drop for Unacked {
+    fn drop(&mut self) {
+        self.metrics.unacked_messages.dec();
     }
 }
 

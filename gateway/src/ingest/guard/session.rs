@@ -533,6 +533,7 @@ impl<'g> Session<'g> {
                             .map_err(|_| Outcome::Closed)?
                     }
                 };
+                let slot = crate::ingest::Unacked::new(slot, self.guard.metrics.clone());
                 if publish.qos == 2 {
                     self.exactly_once.insert(pid);
                 }

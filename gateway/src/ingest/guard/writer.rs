@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::OwnedReadHalf;
-use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 
 use super::packet::{self, reason, Reply};
@@ -25,7 +25,7 @@ pub(super) struct Due {
     pub seq: u64,
     pub reply: Reply,
     /// A place in the connection's window of unacknowledged messages, freed once written.
-    pub _slot: Option<OwnedSemaphorePermit>,
+    pub _slot: Option<crate::ingest::Unacked>,
 }
 
 /// The broker's side of a connection, handed to the writer when it opens: the socket, and
