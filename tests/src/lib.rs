@@ -502,11 +502,20 @@ impl Gateway {
 
     /// Peak resident memory of the gateway process so far (VmHWM), in bytes.
     pub fn peak_rss(&self) -> u64 {
+        self.status_bytes("VmHWM:")
+    }
+
+    /// Resident memory of the gateway process now (VmRSS), in bytes.
+    pub fn rss(&self) -> u64 {
+        self.status_bytes("VmRSS:")
+    }
+
+    fn status_bytes(&self, key: &str) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.proc.child.id()))
             .unwrap_or_default();
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .find_map(|l| l.strip_prefix(key))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
             .map_or(0, |kb| kb * 1024)
     }
@@ -845,6 +854,9 @@ pub struct Mosquitto {
     dir: tempfile::TempDir,
     /// More of mosquitto.conf (another listener, say), after the plain anonymous one.
     extra: String,
+    /// `max_inflight_messages`: QoS 1 messages sent to a client and not yet acknowledged (0:
+    /// no limit; mosquitto then ignores the client's receive maximum too).
+    max_inflight: u32,
 }
 
 impl Mosquitto {
@@ -854,12 +866,22 @@ impl Mosquitto {
 
     /// Starts with `extra` appended to the configuration (`per_listener_settings` is on).
     pub async fn start_with(extra: String) -> Self {
+        Self::start_full(extra, 1000).await
+    }
+
+    /// Starts with `max_inflight_messages` set to `max_inflight` (0: no limit).
+    pub async fn start_with_max_inflight(max_inflight: u32) -> Self {
+        Self::start_full(String::new(), max_inflight).await
+    }
+
+    async fn start_full(extra: String, max_inflight: u32) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut m = Self {
             port: free_port(),
             proc: None,
             dir,
             extra,
+            max_inflight,
         };
         m.restart().await;
         m
@@ -890,9 +912,9 @@ impl Mosquitto {
         // taken yet: a broker in front of this gateway must hold the backlog.
         let config = format!(
             "per_listener_settings true\npersistence true\npersistence_location {d}/\n\
-             autosave_interval 1\nuser root\nmax_queued_messages 0\nmax_queued_bytes 0\nmax_inflight_messages 1000\n\
+             autosave_interval 1\nuser root\nmax_queued_messages 0\nmax_queued_bytes 0\nmax_inflight_messages {}\n\
              listener {} 127.0.0.1\nallow_anonymous true\n{}",
-            self.port, self.extra
+            self.max_inflight, self.port, self.extra
         );
         let path = self.dir.path().join("mosquitto.conf");
         std::fs::write(&path, config).expect("write mosquitto.conf");

@@ -347,3 +347,143 @@ async fn durable_acknowledgements_to_the_broker_survive_kill_9() {
         "all of it came back from the log"
     );
 }
+
+/// The peaks of the gateway's RSS and of its window gauges, sampled until `finish`.
+struct Peaks {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<(u64, f64, f64)>,
+}
+
+impl Peaks {
+    fn watch(gw: &Gateway) -> Self {
+        let (stop, mut stopped) = tokio::sync::oneshot::channel();
+        let (admin, pid) = (gw.admin.clone(), gw.proc.child.id());
+        let task = tokio::spawn(async move {
+            let (mut rss, mut unacked, mut due) = (0u64, 0f64, 0f64);
+            loop {
+                let status =
+                    std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+                let now = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                    .map_or(0, |kb| kb * 1024);
+                rss = rss.max(now);
+                if let Ok(r) = http().get(format!("{admin}/metrics")).send().await {
+                    let m = parse_metrics(&r.text().await.unwrap_or_default());
+                    unacked = unacked.max(get(&m, "gateway_unacked_messages"));
+                    due = due.max(get(&m, "gateway_acks_pending"));
+                }
+                tokio::select! {
+                    _ = &mut stopped => return (rss, unacked, due),
+                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                }
+            }
+        });
+        Self { stop, task }
+    }
+
+    /// (peak RSS in bytes, peak unacknowledged messages, peak acknowledgements due).
+    async fn finish(self) -> (u64, f64, f64) {
+        let _ = self.stop.send(());
+        self.task.await.expect("sampler")
+    }
+}
+
+/// mosquitto with `max_inflight_messages 0` sends a subscriber everything it has, whatever
+/// the receive maximum the subscriber asked for; the sink here takes 25,000 readings a
+/// second. The gateway must hold no more than its receive maximum, acknowledge as it writes,
+/// and keep its memory to the bound the README states.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_broker_that_ignores_the_receive_maximum_cannot_grow_the_gateway() {
+    use e2e::proxy::{Fault, FaultProxy};
+    let mq = Mosquitto::start_with_max_inflight(0).await;
+    let vm = VictoriaMetrics::start().await;
+    let proxy = FaultProxy::start(&vm.url).await;
+    proxy.set(Fault::Throttle(25_000));
+    let mut settings = env(&mq, &vm, "gw-flooded");
+    settings.retain(|(k, _)| *k != "GATEWAY_SINK__URL");
+    settings.extend([
+        ("GATEWAY_SINK__URL", proxy.url.clone()),
+        ("GATEWAY_MQTT__RECEIVE_MAXIMUM", "100".into()),
+    ]);
+    let gw = Gateway::start(&settings).await;
+    let base = gw.rss();
+    let peaks = Peaks::watch(&gw);
+    publish(mq.port, load("flooded")).await.expect("publishers");
+    all_in_sink(&vm, "flooded").await;
+    gw.wait_metric("gateway_unacked_messages", 0.0).await;
+    let (rss, unacked, due) = peaks.finish().await;
+    let grew = rss.saturating_sub(base) as f64 / (1 << 20) as f64;
+    eprintln!(
+        "flooded: peak {unacked} unacknowledged, {due} acknowledgements due at once, RSS +{grew:.1} MiB"
+    );
+    assert!(unacked > 0.0, "the sampler saw the load");
+    assert!(
+        unacked <= 100.0,
+        "{unacked} messages unacknowledged: more than the receive maximum"
+    );
+    // The README's bound for these settings: the intake (33 × 2 × 256 KiB) and the batches
+    // being written (5 × 4 MiB) at most, the queue next to nothing (100 messages of 10
+    // readings); 48 MiB leaves room for the allocator.
+    assert!(grew < 48.0, "RSS grew by {grew:.1} MiB");
+    let m = gw.metrics().await.expect("metrics");
+    assert_eq!(get(&m, "gateway_acks_pending"), 0.0);
+    assert_eq!(get(&m, "gateway_dlq_readings"), 0.0);
+}
+
+/// SIGTERM while the sink hangs: the gateway stops within `shutdown.timeout` (+2 s), gives
+/// the broker back everything it had not written (never acknowledged), and a replica started
+/// later under the same client id writes every reading.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_with_the_sink_down_ends_in_time_and_the_broker_keeps_the_rest() {
+    use e2e::proxy::{Fault, FaultProxy};
+    let mq = Mosquitto::start().await;
+    let vm = VictoriaMetrics::start().await;
+    let proxy = FaultProxy::start(&vm.url).await;
+    let mut settings = env(&mq, &vm, "gw-deadline");
+    settings.retain(|(k, _)| *k != "GATEWAY_SINK__URL");
+    settings.extend([
+        ("GATEWAY_SINK__URL", proxy.url.clone()),
+        ("GATEWAY_SHUTDOWN__TIMEOUT", "3s".into()),
+    ]);
+    let mut gw = Gateway::start(&settings).await;
+    publish(mq.port, load("deadline"))
+        .await
+        .expect("publishers");
+    gw.wait_metric("gateway_sink_readings_written_total", 100_000.0)
+        .await;
+    // Everything so far is written; now the sink hangs, and a second load stalls in the
+    // gateway: the broker holds what the gateway has not acknowledged.
+    proxy.set(Fault::Hang);
+    publish(mq.port, load("deadline-2"))
+        .await
+        .expect("publishers");
+    eventually(Duration::from_secs(30), "writes stalled", || async {
+        let m = gw.metrics().await?;
+        anyhow::ensure!(
+            get(&m, "gateway_unacked_messages") > 0.0
+                && get(&m, "gateway_readings_in_flight") > 0.0,
+            "nothing held yet"
+        );
+        Ok(())
+    })
+    .await;
+    let started = Instant::now();
+    let status = gw.terminate();
+    let took = started.elapsed();
+    eprintln!("SIGTERM with the sink hanging: exited {status} after {took:.1?}");
+    assert!(status.success(), "exit 0");
+    assert!(
+        took < Duration::from_secs(5),
+        "took {took:?}, over shutdown.timeout + 2 s"
+    );
+    let logs = gw.logs();
+    assert!(
+        logs.contains("never acknowledged") && logs.contains("in_dlq: 0"),
+        "the ledger is logged, nothing parked: {logs}"
+    );
+    proxy.set(Fault::Pass);
+    let _replica = Gateway::start(&settings).await;
+    all_in_sink(&vm, "deadline-2").await;
+}
