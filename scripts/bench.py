@@ -33,6 +33,11 @@ What each figure means:
   every 100 ms: p50/p99 from publish to visible in the sink (resolution: the poll; at high
   rates this is the sink's visibility lag), and the gateway's own histogram from receiving a
   message to the sink's acknowledgement (bucket bounds: 5 ms × 2^k).
+- overload: external mode when the broker delivers far faster than the sink takes (mosquitto
+  with no in-flight limit, the sink held to 200,000 readings/s by the test suite's fault
+  proxy): three bursts of 120,000 messages of 100 readings on one gateway, each drained
+  before the next; per burst the peak and drained RSS and the peaks of the unacknowledged
+  messages and of the acknowledgements due; at the end, every reading counted in the sink.
 - scale: N devices connected at 1 message a minute; RSS per connection = (RSS with the fleet
   connected - RSS before) / N.
 """

@@ -265,18 +265,20 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<L
     }
     drain.cancel();
     let mut batcher = batcher;
-    // External mode acknowledging once written: what is not written by the deadline goes back
-    // to the broker unacknowledged (it delivers it again, to this group), rather than into
-    // this replica's dead-letter queue.
+    // External mode: what is not written by the deadline is not parked in this replica's
+    // dead-letter queue. With `written` it was never acknowledged, so the broker delivers it
+    // again (to this group); with `durable` it stays in the write-ahead log for the next
+    // start. Either way stopping need not wait for the sink.
     let give_back = external && ack == config::AckMode::Written;
+    let cut_at_deadline = external && ack != config::AckMode::Received;
     if tokio::time::timeout_at(flush_deadline, &mut batcher)
         .await
         .is_err()
     {
-        if give_back {
-            warn!(timeout = ?config.shutdown.timeout, "flush is taking too long; what is not written stays with the broker");
+        if cut_at_deadline {
+            warn!(timeout = ?config.shutdown.timeout, "flush is taking too long; what is not written is kept (by the broker, or in the write-ahead log)");
             // Dropping the batcher drops its writes in flight and the queue: their messages
-            // are never acknowledged.
+            // are never acknowledged, their log records never released.
             batcher.abort();
             let _ = batcher.await;
         } else {

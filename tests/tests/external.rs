@@ -432,38 +432,45 @@ async fn a_broker_that_ignores_the_receive_maximum_cannot_grow_the_gateway() {
     assert_eq!(get(&m, "gateway_dlq_readings"), 0.0);
 }
 
-/// SIGTERM while the sink hangs: the gateway stops within `shutdown.timeout` (+2 s), gives
-/// the broker back everything it had not written (never acknowledged), and a replica started
-/// later under the same client id writes every reading.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sigterm_with_the_sink_down_ends_in_time_and_the_broker_keeps_the_rest() {
+/// SIGTERM while the sink hangs: the gateway stops within `shutdown.timeout` (+2 s) and
+/// parks nothing; with `ingest.ack = "written"` the broker keeps what was not written (never
+/// acknowledged), with `"durable"` the write-ahead log does; a replica started later under the
+/// same client id and directories writes every reading.
+async fn sigterm_with_the_sink_hanging(ack: &str) {
     use e2e::proxy::{Fault, FaultProxy};
     let mq = Mosquitto::start().await;
     let vm = VictoriaMetrics::start().await;
     let proxy = FaultProxy::start(&vm.url).await;
-    let mut settings = env(&mq, &vm, "gw-deadline");
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut settings = env(&mq, &vm, &format!("gw-deadline-{ack}"));
     settings.retain(|(k, _)| *k != "GATEWAY_SINK__URL");
     settings.extend([
         ("GATEWAY_SINK__URL", proxy.url.clone()),
         ("GATEWAY_SHUTDOWN__TIMEOUT", "3s".into()),
+        ("GATEWAY_INGEST__ACK", ack.into()),
+        (
+            "GATEWAY_WAL__DIR",
+            dir.path().join("wal").display().to_string(),
+        ),
+        (
+            "GATEWAY_DLQ__DIR",
+            dir.path().join("dlq").display().to_string(),
+        ),
     ]);
     let mut gw = Gateway::start(&settings).await;
-    publish(mq.port, load("deadline"))
-        .await
-        .expect("publishers");
+    let first = format!("deadline-{ack}");
+    publish(mq.port, load(&first)).await.expect("publishers");
     gw.wait_metric("gateway_sink_readings_written_total", 100_000.0)
         .await;
     // Everything so far is written; now the sink hangs, and a second load stalls in the
-    // gateway: the broker holds what the gateway has not acknowledged.
+    // gateway.
     proxy.set(Fault::Hang);
-    publish(mq.port, load("deadline-2"))
-        .await
-        .expect("publishers");
+    let second = format!("deadline-{ack}-2");
+    publish(mq.port, load(&second)).await.expect("publishers");
     eventually(Duration::from_secs(30), "writes stalled", || async {
         let m = gw.metrics().await?;
         anyhow::ensure!(
-            get(&m, "gateway_unacked_messages") > 0.0
-                && get(&m, "gateway_readings_in_flight") > 0.0,
+            get(&m, "gateway_readings_in_flight") > 0.0,
             "nothing held yet"
         );
         Ok(())
@@ -472,18 +479,33 @@ async fn sigterm_with_the_sink_down_ends_in_time_and_the_broker_keeps_the_rest()
     let started = Instant::now();
     let status = gw.terminate();
     let took = started.elapsed();
-    eprintln!("SIGTERM with the sink hanging: exited {status} after {took:.1?}");
+    eprintln!("SIGTERM with the sink hanging ({ack}): exited {status} after {took:.1?}");
     assert!(status.success(), "exit 0");
     assert!(
         took < Duration::from_secs(5),
         "took {took:?}, over shutdown.timeout + 2 s"
     );
     let logs = gw.logs();
+    let kept = if ack == "written" {
+        "never acknowledged"
+    } else {
+        "still in the write-ahead log"
+    };
     assert!(
-        logs.contains("never acknowledged") && logs.contains("in_dlq: 0"),
+        logs.contains(kept) && logs.contains("in_dlq: 0"),
         "the ledger is logged, nothing parked: {logs}"
     );
     proxy.set(Fault::Pass);
     let _replica = Gateway::start(&settings).await;
-    all_in_sink(&vm, "deadline-2").await;
+    all_in_sink(&vm, &second).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_with_the_sink_down_ends_in_time_and_the_broker_keeps_the_rest() {
+    sigterm_with_the_sink_hanging("written").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_with_the_sink_down_ends_in_time_and_the_log_keeps_the_rest() {
+    sigterm_with_the_sink_hanging("durable").await;
 }

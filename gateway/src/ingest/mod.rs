@@ -161,6 +161,11 @@ impl Intake {
                     self.keep(topic, payload, content_type, reasons.join("; "), n);
                 }
                 if outcome.accepted > 0 {
+                    // The queue counts line bytes against queue.max_bytes: a reservation far
+                    // beyond them would be memory the bound does not see.
+                    if lines.capacity() > lines.len() + lines.len() / 2 {
+                        lines.shrink_to_fit();
+                    }
                     let chunk = Chunk {
                         lines,
                         readings: outcome.accepted,
