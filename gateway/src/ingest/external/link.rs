@@ -8,7 +8,8 @@
 //! and the connection could not be left unread without also stopping the acknowledgements.
 //! Here the reading half and the writing half of one connection are driven side by side: the
 //! reader stops at `mqtt.receive_maximum` messages not yet acknowledged on the wire, the
-//! writer sends every acknowledgement due at once, in one write, and pings the broker.
+//! writer sends the acknowledgements due at once, in one write, in the order their messages
+//! arrived (as MQTT asks of a client), and pings the broker.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -189,6 +190,12 @@ pub async fn run(settings: Settings, shared: Shared) {
         };
         match outcome {
             Ok(()) => break,
+            // Input is over: a new connection would have nothing to acknowledge (what the
+            // lost one had due is delivered again by the broker anyway).
+            Err(e) if shared.stop_input.is_cancelled() => {
+                warn!(error = %e, "lost the broker while stopping");
+                break;
+            }
             Err(e) => {
                 if was_up {
                     warn!(error = %e, "lost the broker; reconnecting");
@@ -273,6 +280,7 @@ async fn read_loop(
     } else {
         keep_alive * 2
     };
+    let mut seq = 0u64;
     loop {
         let packet = tokio::select! {
             biased;
@@ -284,7 +292,7 @@ async fn read_loop(
         };
         match packet {
             Packet::Publish(publish) => {
-                let Some(message) = take(shared, publish, connection).await else {
+                let Some(message) = take(shared, publish, connection, &mut seq).await else {
                     return std::future::pending().await;
                 };
                 if shared.tx.send(message).await.is_err() {
@@ -320,8 +328,14 @@ async fn read_loop(
 }
 
 /// A message for the intake task, with its slot in the window when it needs an
-/// acknowledgement. `None` when input has stopped while waiting for a slot.
-async fn take(shared: &Shared, publish: Publish, connection: u64) -> Option<Message> {
+/// acknowledgement. `None` when input has stopped while waiting for a slot. `seq` numbers the
+/// connection's messages that need one, in order of receipt.
+async fn take(
+    shared: &Shared,
+    publish: Publish,
+    connection: u64,
+    seq: &mut u64,
+) -> Option<Message> {
     if publish.dup {
         shared.metrics.messages_redelivered.inc();
     }
@@ -336,9 +350,11 @@ async fn take(shared: &Shared, publish: Publish, connection: u64) -> Option<Mess
                 _ = shared.stop_input.cancelled() => return None,
                 s = shared.window.clone().acquire_owned() => s.ok()?,
             };
+            *seq += 1;
             Some(Pending {
                 pkid: publish.pkid,
                 connection,
+                seq: *seq - 1,
                 _slot: crate::ingest::Unacked::new(slot, shared.metrics.clone()),
             })
         }

@@ -16,6 +16,7 @@
 
 mod link;
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
@@ -57,6 +58,9 @@ struct Message {
 struct Pending {
     pkid: u16,
     connection: u64,
+    /// Its place in the order of receipt on its connection: acknowledgements leave in that
+    /// order (MQTT-4.6.0-2).
+    seq: u64,
     _slot: super::Unacked,
 }
 
@@ -73,7 +77,9 @@ struct AckState {
     /// never acknowledged on a later one, where its packet id may name another message; the
     /// broker sends it again instead.
     connection: u64,
-    due: Vec<Pending>,
+    /// Due, by place in the order of receipt; sent from `next` on, without gaps.
+    due: BTreeMap<u64, Pending>,
+    next: u64,
 }
 
 impl Acks {
@@ -100,15 +106,27 @@ impl Acks {
         if pending.connection != state.connection {
             return;
         }
-        state.due.push(pending);
+        state.due.insert(pending.seq, pending);
         drop(state);
         self.metrics.acks_pending.inc();
         self.ready.notify_one();
     }
 
-    /// Everything due now, for the writer.
+    /// What may be sent now, in order of receipt: every acknowledgement due up to the first
+    /// message that is not safe yet. Later ones wait for it (a batch written ahead of an
+    /// earlier one waits for it; they are all in the window meanwhile).
     fn take(&self) -> Vec<Pending> {
-        std::mem::take(&mut self.lock().due)
+        let mut state = self.lock();
+        let mut ready = Vec::new();
+        loop {
+            let next = state.next;
+            let Some(pending) = state.due.remove(&next) else {
+                break;
+            };
+            ready.push(pending);
+            state.next += 1;
+        }
+        ready
     }
 
     /// The acknowledgements are on the wire.
@@ -121,6 +139,7 @@ impl Acks {
     fn connection_lost(&self) {
         let mut state = self.lock();
         state.connection += 1;
+        state.next = 0;
         let dropped = std::mem::take(&mut state.due);
         drop(state);
         self.metrics.acks_pending.dec_by(dropped.len() as i64);
@@ -200,19 +219,23 @@ pub fn start(
 mod tests {
     use super::*;
 
-    fn pending(window: &Arc<Semaphore>, pkid: u16, connection: u64) -> Pending {
+    /// Message `seq` of connection `connection`, with packet id 100 + seq.
+    fn pending(window: &Arc<Semaphore>, seq: u64, connection: u64) -> Pending {
         let metrics = Arc::new(Metrics::new());
+        let slot = window
+            .clone()
+            .try_acquire_owned()
+            .expect("room in the window");
         Pending {
-            pkid,
+            pkid: 100 + seq as u16,
             connection,
-            _slot: super::super::Unacked::new(
-                window
-                    .clone()
-                    .try_acquire_owned()
-                    .expect("room in the window"),
-                metrics.clone(),
-            ),
+            seq,
+            _slot: super::super::Unacked::new(slot, metrics),
         }
+    }
+
+    fn ids(sent: &[Pending]) -> Vec<u16> {
+        sent.iter().map(|p| p.pkid).collect()
     }
 
     #[test]
@@ -220,8 +243,8 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let acks = Acks::new(metrics.clone());
         let window = Arc::new(Semaphore::new(3));
+        acks.due(pending(&window, 0, 0));
         acks.due(pending(&window, 1, 0));
-        acks.due(pending(&window, 2, 0));
         assert_eq!(metrics.acks_pending.get(), 2);
         assert_eq!(
             window.available_permits(),
@@ -229,7 +252,7 @@ mod tests {
             "due, not sent: the slots stay taken"
         );
 
-        let late = pending(&window, 3, 0);
+        let late = pending(&window, 2, 0);
         acks.connection_lost();
         assert_eq!(metrics.acks_pending.get(), 0);
         assert_eq!(
@@ -244,12 +267,26 @@ mod tests {
         );
         assert_eq!(window.available_permits(), 3);
 
-        acks.due(pending(&window, 7, 1));
+        acks.due(pending(&window, 0, 1));
         let sent = acks.take();
-        assert_eq!(sent.iter().map(|p| p.pkid).collect::<Vec<_>>(), [7]);
+        assert_eq!(ids(&sent), [100], "the new connection counts from 0");
         acks.sent(sent.len());
         drop(sent);
         assert_eq!(metrics.acks_pending.get(), 0);
         assert_eq!(window.available_permits(), 3);
+    }
+
+    #[test]
+    fn acknowledgements_leave_in_the_order_their_messages_arrived() {
+        let acks = Acks::new(Arc::new(Metrics::new()));
+        let window = Arc::new(Semaphore::new(10));
+        acks.due(pending(&window, 2, 0));
+        acks.due(pending(&window, 1, 0));
+        assert!(acks.take().is_empty(), "message 0 is not safe yet");
+        acks.due(pending(&window, 0, 0));
+        acks.due(pending(&window, 4, 0));
+        assert_eq!(ids(&acks.take()), [100, 101, 102]);
+        acks.due(pending(&window, 3, 0));
+        assert_eq!(ids(&acks.take()), [103, 104]);
     }
 }
