@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -148,11 +148,16 @@ impl Batch {
 
 /// Runs until the queue is closed and drained (every sender gone, or `drain`: the queue takes
 /// nothing more and what it holds is written), then waits for every write in flight.
+///
+/// `cut` sends the batch being filled at once instead of after its linger: external mode
+/// rings it when its receive window is full, since nothing more arrives until acknowledgements
+/// go out, and those wait for this batch.
 pub async fn run(
     mut rx: QueueRx,
     limits: BatchLimits,
     deliverer: Arc<Deliverer>,
     drain: CancellationToken,
+    cut: Arc<Notify>,
 ) {
     let in_flight = Arc::new(Semaphore::new(limits.max_in_flight));
     let mut writes = JoinSet::new();
@@ -196,6 +201,7 @@ pub async fn run(
                         break;
                     }
                 },
+                _ = cut.notified() => break,
                 _ = tokio::time::sleep_until(deadline) => break,
             }
         }

@@ -122,11 +122,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<L
         max_in_flight: s.max_in_flight,
     };
     let drain = CancellationToken::new();
+    let cut_batch = Arc::new(tokio::sync::Notify::new());
     let batcher = tokio::spawn(batch::run(
         queue_rx,
         limits,
         deliverer.clone(),
         drain.clone(),
+        cut_batch.clone(),
     ));
 
     let background_stop = CancellationToken::new();
@@ -230,6 +232,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<L
             filter,
             metrics.clone(),
             ingest_stop.clone(),
+            cut_batch,
         )?),
     };
     info!(sink = %s.url, api = ?s.api, admin = %config.admin.listen, ack = ?ack, "gateway running");

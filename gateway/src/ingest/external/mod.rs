@@ -152,6 +152,7 @@ pub fn start(
     filter: String,
     metrics: Arc<Metrics>,
     stop_input: CancellationToken,
+    cut_batch: Arc<Notify>,
 ) -> Result<External, IngestError> {
     let settings = link::Settings::new(config, &filter)?;
     let acks = Arc::new(Acks::new(metrics.clone()));
@@ -160,6 +161,7 @@ pub fn start(
 
     let stop = stop_input.clone();
     let acks_for_intake = acks.clone();
+    let full = window.clone();
     let intake_task = tokio::spawn(async move {
         loop {
             let message = tokio::select! {
@@ -192,6 +194,13 @@ pub fn start(
             };
             if closed {
                 break;
+            }
+            // The window is full and everything received is in the pipeline: nothing more
+            // comes until acknowledgements go out, so the batch waiting to fill goes now. (With
+            // small messages a batch holds more readings than the window; it would otherwise
+            // wait its whole linger.)
+            if rx.is_empty() && full.available_permits() == 0 {
+                cut_batch.notify_one();
             }
         }
     });
