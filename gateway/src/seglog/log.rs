@@ -1,12 +1,12 @@
 //! A segment log's files: open with recovery, append, read, delete (see [`super::format`] for
 //! the layout and the durability promise).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufReader, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use super::format::{self, Frame};
+use super::format::{self, Version};
 use super::{Kind, LogError, Meta};
 
 /// Sizes that shape the queue.
@@ -16,7 +16,8 @@ pub struct Options {
     pub what: &'static str,
     /// The setting that bounds it, named in [`LogError::Full`].
     pub max_key: &'static str,
-    /// First bytes of each segment file: says which store a file belongs to.
+    /// First bytes of each segment file: says which store a file belongs to. This is the
+    /// version-1 magic ("…001"); files of version 2, which are what is written now, end in '2'.
     pub magic: &'static [u8; 8],
     /// The log refuses appends that would take its files past this.
     pub max_bytes: u64,
@@ -51,8 +52,9 @@ pub struct Recovery {
     pub deleted: usize,
     /// Bytes cut from the end of the last segment or `deleted.log`: a write a crash tore.
     pub torn_bytes: u64,
-    /// Damage that recovery could not repair, one line each (the rest of such a segment is
-    /// unreadable, since frames cannot be found again past a damaged length).
+    /// Damage that recovery could not repair, one line each. In a version-2 file only the
+    /// damaged bytes are lost; the records around them are kept. In a version-1 file a damaged
+    /// length hides the rest of the file.
     pub damaged: Vec<String>,
 }
 
@@ -112,12 +114,16 @@ pub struct SegLog {
     /// Segments with damage recovery reported: never removed or appended to by us, so what
     /// is left in them can still be recovered by hand.
     damaged: HashSet<u64>,
+    /// Each segment's frame layout (from its magic).
+    versions: HashMap<u64, Version>,
     /// The next segment number. Never reused: `deleted.log` may still name ids of a removed
     /// segment, and a reused number would make those tombstones hide new records.
     next_seq: u64,
 }
 
 const DELETED: &str = "deleted.log";
+/// The version-1 magic of `deleted.log`.
+const DELETED_MAGIC: &[u8; 8] = format::DELETED_MAGIC;
 /// Tombstones written before `deleted.log` is compacted again.
 const COMPACT_TOMBSTONES: usize = 65_536;
 const LOCK: &str = "LOCK";
@@ -183,6 +189,7 @@ impl SegLog {
             live: BTreeMap::new(),
             segments: BTreeMap::new(),
             damaged: HashSet::new(),
+            versions: HashMap::new(),
             next_seq: 1,
         };
         let mut recovery = Recovery::default();
@@ -211,7 +218,9 @@ impl SegLog {
             dlq.drop_dead_segments()?;
             dlq.tombstones = dlq.compact_deleted()?;
             if let Some((&seq, &(_, len))) = dlq.segments.iter().next_back() {
-                if len < dlq.options.segment_bytes && !dlq.damaged.contains(&seq) {
+                // A segment of the old layout is not continued: new records go in a new one.
+                let current = dlq.versions.get(&seq) == Some(&Version::V2);
+                if len < dlq.options.segment_bytes && !dlq.damaged.contains(&seq) && current {
                     let path = dlq.dir.join(segment_name(seq));
                     let file = OpenOptions::new()
                         .append(true)
@@ -245,36 +254,36 @@ impl SegLog {
     fn read_deleted(&mut self, recovery: &mut Recovery) -> Result<HashSet<String>, LogError> {
         let path = self.dir.join(DELETED);
         let mut ids = HashSet::new();
-        let Ok(file) = File::open(&path) else {
+        let Ok(data) = fs::read(&path) else {
             return Ok(ids);
         };
-        let size = file.metadata().map_err(io_err(&path))?.len();
-        let mut reader = BufReader::new(file);
-        let mut magic = [0u8; 8];
-        let good_end = if std::io::Read::read_exact(&mut reader, &mut magic).is_err()
-            || &magic != format::DELETED_MAGIC
+        let size = data.len() as u64;
+        let good_end = match data
+            .get(..8)
+            .and_then(|m| Version::of_magic(m, DELETED_MAGIC))
         {
-            recovery
-                .damaged
-                .push(format!("{DELETED}: bad header, ignored"));
-            0
-        } else {
-            let mut pos = 8u64;
-            loop {
-                match format::read_frame(&mut reader).map_err(io_err(&path))? {
-                    Frame::Body(body) => {
-                        pos += (format::FRAME_HEADER + body.len()) as u64;
-                        ids.insert(String::from_utf8_lossy(&body).into_owned());
-                    }
-                    Frame::End => break,
-                    Frame::Torn | Frame::Corrupt => {
-                        recovery.torn_bytes += size.saturating_sub(pos);
-                        break;
-                    }
-                }
+            None => {
+                recovery
+                    .damaged
+                    .push(format!("{DELETED}: bad header, ignored"));
+                0
             }
-            pos
+            Some(version) => {
+                let scan = format::scan(&data, 8, version);
+                for (_, body) in &scan.frames {
+                    ids.insert(String::from_utf8_lossy(&data[body.clone()]).into_owned());
+                }
+                for range in &scan.damaged {
+                    // The record this tombstone named comes back: written or listed again.
+                    recovery.damaged.push(format!(
+                        "{DELETED}: damaged bytes {}..{}: a deleted record may be listed again",
+                        range.start, range.end
+                    ));
+                }
+                scan.torn_at.unwrap_or(size)
+            }
         };
+        recovery.torn_bytes += size - good_end;
         if self.writable && good_end < size {
             // Rewritten below by compaction; a header-less file starts over.
             let f = OpenOptions::new()
@@ -294,64 +303,69 @@ impl SegLog {
         recovery: &mut Recovery,
     ) -> Result<(), LogError> {
         let path = self.dir.join(segment_name(seq));
-        let file = File::open(&path).map_err(io_err(&path))?;
-        let size = file.metadata().map_err(io_err(&path))?.len();
-        let mut reader = BufReader::new(file);
-        let mut magic = [0u8; 8];
-        if std::io::Read::read_exact(&mut reader, &mut magic).is_err()
-            || &magic != self.options.magic
-        {
+        let data = fs::read(&path).map_err(io_err(&path))?;
+        let size = data.len() as u64;
+        let Some(version) = data
+            .get(..8)
+            .and_then(|m| Version::of_magic(m, self.options.magic))
+        else {
             if last && self.writable && size < 8 {
                 // A segment whose creation a crash cut short: nothing in it was acknowledged.
                 recovery.torn_bytes += size;
                 fs::remove_file(&path).map_err(io_err(&path))?;
             } else {
-                recovery
-                    .damaged
-                    .push(format!("{}: not a DLQ segment, left alone", path.display()));
+                recovery.damaged.push(format!(
+                    "{}: not a segment of the {}, left alone",
+                    path.display(),
+                    self.options.what
+                ));
                 self.damaged.insert(seq);
             }
             return Ok(());
+        };
+        self.versions.insert(seq, version);
+        let scan = format::scan(&data, 8, version);
+        for range in &scan.damaged {
+            recovery.damaged.push(format!(
+                "{}: damaged bytes {}..{} (a record lost; the file is kept as it is)",
+                path.display(),
+                range.start,
+                range.end
+            ));
+            self.damaged.insert(seq);
         }
-        let mut pos = 8u64;
-        let mut live = 0usize;
-        loop {
-            let frame = format::read_frame(&mut reader).map_err(io_err(&path))?;
-            let body = match frame {
-                Frame::Body(body) => body,
-                Frame::End => break,
+        let mut end = size;
+        if let Some(torn) = scan.torn_at {
+            if last {
                 // A write a crash cut short can only be the last thing in the last segment:
                 // never acknowledged, so it is cut. A zero-filled tail is the same thing.
-                Frame::Torn | Frame::Corrupt if last && rest_is_torn(&path, pos, &frame)? => {
-                    recovery.torn_bytes += size.saturating_sub(pos);
-                    if self.writable {
-                        let f = OpenOptions::new()
-                            .write(true)
-                            .open(&path)
-                            .map_err(io_err(&path))?;
-                        f.set_len(pos).map_err(io_err(&path))?;
-                        f.sync_all().map_err(io_err(&path))?;
-                    }
-                    break;
+                recovery.torn_bytes += size - torn;
+                end = torn;
+                if self.writable {
+                    let f = OpenOptions::new()
+                        .write(true)
+                        .open(&path)
+                        .map_err(io_err(&path))?;
+                    f.set_len(torn).map_err(io_err(&path))?;
+                    f.sync_all().map_err(io_err(&path))?;
                 }
-                Frame::Torn | Frame::Corrupt => {
-                    recovery.damaged.push(format!(
-                        "{}: damaged record at byte {pos}; the {} bytes from there cannot be read and the file is kept as it is",
-                        path.display(),
-                        size.saturating_sub(pos)
-                    ));
-                    self.damaged.insert(seq);
-                    break;
-                }
-            };
-            let id = make_id(seq, pos);
-            let frame_len = (format::FRAME_HEADER + body.len()) as u64;
-            pos += frame_len;
+            } else {
+                recovery.damaged.push(format!(
+                    "{}: cut short at byte {torn}, though later segments exist; the file is kept as it is",
+                    path.display()
+                ));
+                self.damaged.insert(seq);
+            }
+        }
+        let mut live = 0usize;
+        for (offset, body) in scan.frames {
+            let id = make_id(seq, offset);
+            let frame_len = (version.header_len() + body.len()) as u64;
             if deleted.contains(&id) {
                 recovery.deleted += 1;
                 continue;
             }
-            let Some((meta, data)) = format::decode_record(&body) else {
+            let Some((meta, payload)) = format::decode_record(&data[body]) else {
                 recovery
                     .damaged
                     .push(format!("record {id}: malformed body, skipped"));
@@ -365,10 +379,10 @@ impl SegLog {
                     let entry = Entry {
                         id,
                         meta,
-                        data_len: data.len(),
+                        data_len: payload.len(),
                         frame_len,
                     };
-                    self.live.insert((seq, pos - frame_len), entry);
+                    self.live.insert((seq, offset), entry);
                 }
                 Err(e) => {
                     recovery
@@ -378,7 +392,7 @@ impl SegLog {
                 }
             }
         }
-        self.segments.insert(seq, (live, pos));
+        self.segments.insert(seq, (live, end));
         Ok(())
     }
 
@@ -416,10 +430,11 @@ impl SegLog {
         let tmp = self.dir.join("deleted.log.tmp");
         {
             let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
-            f.write_all(format::DELETED_MAGIC).map_err(io_err(&tmp))?;
+            let mut out = Version::V2.magic(DELETED_MAGIC).to_vec();
             for id in &keep {
-                format::write_frame(&mut f, id.as_bytes()).map_err(io_err(&tmp))?;
+                format::encode_frame(&mut out, id.as_bytes()).map_err(io_err(&tmp))?;
             }
+            f.write_all(&out).map_err(io_err(&tmp))?;
             f.sync_all().map_err(io_err(&tmp))?;
         }
         fs::rename(&tmp, &path).map_err(io_err(&path))?;
@@ -441,7 +456,7 @@ impl SegLog {
             source: std::io::Error::other(e),
         })?;
         let body = format::encode_record(&meta_json, data);
-        let frame_len = (format::FRAME_HEADER + body.len()) as u64;
+        let frame_len = (Version::V2.header_len() + body.len()) as u64;
         let used = self.disk_bytes();
         if used + frame_len > self.options.max_bytes {
             return Err(LogError::Full {
@@ -465,7 +480,7 @@ impl SegLog {
         let path = dir.join(segment_name(active.seq));
         let offset = active.len;
         let mut frame = Vec::with_capacity(frame_len as usize);
-        format::write_frame(&mut frame, &body).map_err(io_err(&path))?;
+        format::encode_frame(&mut frame, &body).map_err(io_err(&path))?;
         let sync = self.options.sync;
         if let Err(e) = active.file.write_all(&frame).and_then(|()| {
             if sync {
@@ -518,11 +533,12 @@ impl SegLog {
             .append(true)
             .open(&path)
             .map_err(io_err(&path))?;
-        file.write_all(self.options.magic)
+        file.write_all(&Version::V2.magic(self.options.magic))
             .and_then(|()| file.sync_all())
             .map_err(io_err(&path))?;
         sync_dir(&self.dir)?;
         self.segments.insert(seq, (0, 8));
+        self.versions.insert(seq, Version::V2);
         // The previous active segment may have been emptied while it was active.
         let previous = self.active.replace(Active {
             seq,
@@ -610,10 +626,15 @@ impl SegLog {
             id: id.to_owned(),
             detail: detail.to_owned(),
         };
-        match format::read_frame(&mut BufReader::new(file)).map_err(io_err(&path))? {
-            Frame::Body(body) => {
-                let (_, data) =
-                    format::decode_record(&body).ok_or_else(|| corrupt("malformed body"))?;
+        let mut frame = Vec::new();
+        file.take(entry.frame_len)
+            .read_to_end(&mut frame)
+            .map_err(io_err(&path))?;
+        let version = self.versions.get(&seq).copied().unwrap_or(Version::V2);
+        match format::scan(&frame, 0, version).frames.first() {
+            Some((0, body)) => {
+                let (_, data) = format::decode_record(&frame[body.clone()])
+                    .ok_or_else(|| corrupt("malformed body"))?;
                 Ok((entry.meta.clone(), data.to_vec()))
             }
             _ => Err(corrupt("the frame no longer reads back")),
@@ -648,7 +669,7 @@ impl SegLog {
         // Tombstones carry the canonical id, the spelling recovery compares with.
         let mut frames = Vec::new();
         for (seq, offset) in &keys {
-            format::write_frame(&mut frames, make_id(*seq, *offset).as_bytes())
+            format::encode_frame(&mut frames, make_id(*seq, *offset).as_bytes())
                 .map_err(io_err(&path))?;
         }
         let sync = self.options.sync_deletes;
@@ -728,19 +749,6 @@ impl SegLog {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
-}
-
-/// Whether a bad frame at `pos` is a torn tail: a short read, or nothing but zeros from there
-/// to the end of the file (a crash after the file grew but before the data landed).
-fn rest_is_torn(path: &Path, pos: u64, frame: &Frame) -> Result<bool, LogError> {
-    if *frame == Frame::Torn {
-        return Ok(true);
-    }
-    let mut file = File::open(path).map_err(io_err(path))?;
-    file.seek(SeekFrom::Start(pos)).map_err(io_err(path))?;
-    let mut rest = Vec::new();
-    std::io::Read::read_to_end(&mut file, &mut rest).map_err(io_err(path))?;
-    Ok(rest.iter().all(|b| *b == 0))
 }
 
 fn sync_dir(dir: &Path) -> Result<(), LogError> {
@@ -1049,6 +1057,86 @@ mod tests {
         let (q, r) = SegLog::open(dir.path(), opts(), true).expect("reopen");
         assert_eq!(r.torn_bytes, 64);
         assert!(q.get(&id).is_some());
+    }
+
+    /// Issue 16's measurement: ten records, one bit of the third one's length flipped.
+    /// Version 1 took that for a torn tail and listed 2 of 10; now 9 come back, the damage
+    /// is reported, and the file is left as it is.
+    #[test]
+    fn a_flipped_length_costs_one_record_not_the_rest() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (mut q, _) = SegLog::open(dir.path(), opts(), true).expect("open");
+        let ids: Vec<String> = (0..10)
+            .map(|i| {
+                q.append(
+                    &meta(Kind::RetriesExhausted, 1),
+                    format!("m v={i} {i}\n").as_bytes(),
+                )
+                .expect("append")
+            })
+            .collect();
+        drop(q);
+        let (seq, third) = parse_id(&ids[2]).expect("id");
+        let seg = dir.path().join(segment_name(seq));
+        let mut bytes = fs::read(&seg).expect("read");
+        bytes[third as usize + 2] ^= 0x04;
+        fs::write(&seg, &bytes).expect("write");
+        let (q, r) = SegLog::open(dir.path(), opts(), true).expect("reopen");
+        assert_eq!(r.records, 9, "{r:?}");
+        assert_eq!(r.damaged.len(), 1, "{r:?}");
+        assert_eq!(r.torn_bytes, 0, "{r:?}");
+        let listed: Vec<String> = q.entries().map(|e| e.id.clone()).collect();
+        let mut expected = ids.clone();
+        expected.remove(2);
+        assert_eq!(listed, expected);
+        for id in &expected {
+            q.read(id).expect("every intact record reads back");
+        }
+        assert_eq!(fs::read(&seg).expect("read"), bytes, "the file is kept");
+    }
+
+    /// Files written by earlier versions (layout 1) open, list and read; new records go to a
+    /// new segment of layout 2, and `deleted.log` is rewritten in layout 2.
+    #[test]
+    fn a_log_of_the_first_layout_still_opens() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let options = opts();
+        let mut seg = options.magic.to_vec();
+        let mut offsets = Vec::new();
+        for i in 0..3 {
+            offsets.push(seg.len());
+            let meta_json = serde_json::to_vec(&meta(Kind::RejectedBySink, 1)).expect("json");
+            let body = format::encode_record(&meta_json, format!("m v={i} {i}\n").as_bytes());
+            format::write_frame(&mut seg, &body).expect("frame");
+        }
+        fs::write(dir.path().join(segment_name(1)), &seg).expect("segment");
+        let mut deleted = DELETED_MAGIC.to_vec();
+        format::write_frame(&mut deleted, make_id(1, offsets[1] as u64).as_bytes()).expect("tomb");
+        fs::write(dir.path().join(DELETED), &deleted).expect("deleted.log");
+
+        let (mut q, r) = SegLog::open(dir.path(), options.clone(), true).expect("open");
+        assert_eq!((r.records, r.deleted), (2, 1), "{r:?}");
+        assert!(r.damaged.is_empty() && r.torn_bytes == 0, "{r:?}");
+        let old = make_id(1, offsets[2] as u64);
+        assert_eq!(q.read(&old).expect("read").1, b"m v=2 2\n");
+        let new = q
+            .append(&meta(Kind::RejectedBySink, 1), b"m v=3 3\n")
+            .expect("append");
+        assert_eq!(
+            parse_id(&new).expect("id").0,
+            2,
+            "a new segment for the new layout"
+        );
+        q.delete(std::slice::from_ref(&old)).expect("delete");
+        drop(q);
+        let on_disk = fs::read(dir.path().join(DELETED)).expect("read");
+        assert_eq!(&on_disk[..8], &Version::V2.magic(DELETED_MAGIC));
+        let new_seg = fs::read(dir.path().join(segment_name(2))).expect("read");
+        assert_eq!(&new_seg[..8], &Version::V2.magic(options.magic));
+        let (q, r) = SegLog::open(dir.path(), options, true).expect("reopen");
+        assert!(r.damaged.is_empty(), "{r:?}");
+        let listed: Vec<String> = q.entries().map(|e| e.id.clone()).collect();
+        assert_eq!(listed, vec![make_id(1, offsets[0] as u64), new]);
     }
 
     mod model {
