@@ -44,7 +44,10 @@
 //! ```
 //!
 //! A record's id is `<segment number>-<byte offset of its frame>`: stable for its whole life,
-//! and it says where the record is. `meta` is [`super::Meta`] as JSON; `data` is the raw MQTT
+//! and it says where the record is. An id is never given twice, so a tombstone can only ever
+//! hide the record it was written for: segment numbers are never reused, and a segment is
+//! never appended to after recovery cut its torn tail (a tombstone can outlive an append that a
+//! power cut lost; the next record at that offset would otherwise be hidden by it). `meta` is [`super::Meta`] as JSON; `data` is the raw MQTT
 //! payload for `rejected_input` records and line protocol otherwise (one line per reading,
 //! timestamps included, so that a record written again is the same points).
 //!

@@ -209,9 +209,10 @@ impl SegLog {
             .chain(highest_deleted)
             .max()
             .map_or(1, |s| s + 1);
+        let mut tail_cut = false;
         for (i, seq) in seqs.iter().enumerate() {
             let last = i + 1 == seqs.len();
-            dlq.scan_segment(*seq, last, &deleted, &mut recovery)?;
+            tail_cut = dlq.scan_segment(*seq, last, &deleted, &mut recovery)?;
         }
         recovery.segments = dlq.segments.len();
         if writable {
@@ -219,8 +220,12 @@ impl SegLog {
             dlq.tombstones = dlq.compact_deleted()?;
             if let Some((&seq, &(_, len))) = dlq.segments.iter().next_back() {
                 // A segment of the old layout is not continued: new records go in a new one.
+                // Nor is one whose torn tail was cut: a tombstone that outlived the cut record
+                // (a power cut kept the delete, not the append) would hide a new record
+                // written at the same offset. Offsets are never reused.
                 let current = dlq.versions.get(&seq) == Some(&Version::V2);
-                if len < dlq.options.segment_bytes && !dlq.damaged.contains(&seq) && current {
+                let continued = current && !tail_cut && !dlq.damaged.contains(&seq);
+                if len < dlq.options.segment_bytes && continued {
                     let path = dlq.dir.join(segment_name(seq));
                     let file = OpenOptions::new()
                         .append(true)
@@ -295,13 +300,14 @@ impl SegLog {
         Ok(ids)
     }
 
+    /// Reads a segment's records into the index; returns whether its torn tail was cut.
     fn scan_segment(
         &mut self,
         seq: u64,
         last: bool,
         deleted: &HashSet<String>,
         recovery: &mut Recovery,
-    ) -> Result<(), LogError> {
+    ) -> Result<bool, LogError> {
         let path = self.dir.join(segment_name(seq));
         let data = fs::read(&path).map_err(io_err(&path))?;
         let size = data.len() as u64;
@@ -321,7 +327,7 @@ impl SegLog {
                 ));
                 self.damaged.insert(seq);
             }
-            return Ok(());
+            return Ok(false);
         };
         self.versions.insert(seq, version);
         let scan = format::scan(&data, 8, version);
@@ -335,8 +341,10 @@ impl SegLog {
             self.damaged.insert(seq);
         }
         let mut end = size;
+        let mut cut = false;
         if let Some(torn) = scan.torn_at {
             if last {
+                cut = true;
                 // A write a crash cut short can only be the last thing in the last segment:
                 // never acknowledged, so it is cut. A zero-filled tail is the same thing.
                 recovery.torn_bytes += size - torn;
@@ -393,7 +401,7 @@ impl SegLog {
             }
         }
         self.segments.insert(seq, (live, end));
-        Ok(())
+        Ok(cut)
     }
 
     /// Removes sealed segments with no live record left.
@@ -1137,6 +1145,39 @@ mod tests {
         assert!(r.damaged.is_empty(), "{r:?}");
         let listed: Vec<String> = q.entries().map(|e| e.id.clone()).collect();
         assert_eq!(listed, vec![make_id(1, offsets[0] as u64), new]);
+    }
+
+    /// A tombstone that outlived its record (a power cut kept the delete but not the
+    /// append) must not hide a record written later: offsets are never reused, because a
+    /// segment whose tail recovery cut is not appended to again.
+    #[test]
+    fn an_old_tombstone_never_hides_a_new_record() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (mut q, _) = SegLog::open(dir.path(), opts(), true).expect("open");
+        let a = q
+            .append(&meta(Kind::RetriesExhausted, 1), b"m v=1 1\n")
+            .expect("append");
+        let b = q
+            .append(&meta(Kind::RetriesExhausted, 1), b"m v=2 2\n")
+            .expect("append");
+        q.delete(std::slice::from_ref(&b)).expect("delete");
+        drop(q);
+        // The power cut: the segment loses the second record, deleted.log keeps its tombstone.
+        let (seq, offset) = parse_id(&b).expect("id");
+        let seg = dir.path().join(segment_name(seq));
+        let f = OpenOptions::new().write(true).open(&seg).expect("open");
+        f.set_len(offset + 3).expect("truncate");
+        drop(f);
+        let (mut q, r) = SegLog::open(dir.path(), opts(), true).expect("reopen");
+        assert!(r.torn_bytes > 0, "{r:?}");
+        let c = q
+            .append(&meta(Kind::RetriesExhausted, 1), b"m v=3 3\n")
+            .expect("append");
+        assert_ne!(c, b, "a new record never takes a deleted record's id");
+        drop(q);
+        let (q, _) = SegLog::open(dir.path(), opts(), true).expect("reopen");
+        let listed: Vec<String> = q.entries().map(|e| e.id.clone()).collect();
+        assert_eq!(listed, vec![a, c]);
     }
 
     mod model {
