@@ -472,3 +472,33 @@ mod fuzzish {
         }
     }
 }
+
+/// Found by the `lines` fuzz target: serde_json's default float parsing can be a few units in
+/// the last place off, so a device's value reached the sink changed. Every float must come
+/// back bit for bit.
+#[test]
+fn json_floats_reach_the_line_exactly() {
+    for text in [
+        "-9.604032515753727e-144",
+        "2.2250738585072014e-308",
+        "0.1",
+        "1e300",
+    ] {
+        let want: f64 = text.parse().expect("a float");
+        let (r, out) = json(&format!(
+            r#"{{"ts": 1764126000123, "fields": {{"v": {text}}}}}"#
+        ));
+        assert_eq!(r.expect("ok").accepted, 1);
+        let written = out
+            .split_once(" v=")
+            .and_then(|(_, rest)| rest.split_once(' '))
+            .map(|(v, _)| v)
+            .expect("the field");
+        let got: f64 = written.parse().expect("a float in the line");
+        assert_eq!(
+            got.to_bits(),
+            want.to_bits(),
+            "{text} was written as {written}"
+        );
+    }
+}
