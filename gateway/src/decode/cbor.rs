@@ -244,8 +244,11 @@ impl Walker<'_, '_, '_, '_, '_> {
                     b"tags" => Some(Part::Tags),
                     b"ts" => Some(Part::Ts),
                     other => {
-                        let other = String::from_utf8_lossy(other).into_owned();
-                        self.builder.fail(DecodeError::UnknownKey(other));
+                        // Checked like any text: broken UTF-8 makes the payload malformed
+                        // (found by the `cbor` fuzz target against ciborium).
+                        let other = std::str::from_utf8(other)
+                            .map_err(|_| DecodeError::MalformedCbor("text is not UTF-8".into()))?;
+                        self.builder.fail(DecodeError::UnknownKey(other.to_owned()));
                         None
                     }
                 },

@@ -502,3 +502,19 @@ fn json_floats_reach_the_line_exactly() {
         );
     }
 }
+
+/// Found by the `cbor` fuzz target: a short key of broken UTF-8 made only its reading fail,
+/// while ciborium (and RFC 8949) refuse the payload; it is malformed as a whole now.
+#[test]
+fn a_short_key_of_broken_utf8_makes_the_cbor_payload_malformed() {
+    let mut payload = vec![0x82, 0xa1, 0x66];
+    payload.extend_from_slice(b"f\xe9elds");
+    payload.push(0xa0);
+    payload.extend_from_slice(&to_cbor(&map(vec![(
+        "fields",
+        map(vec![("temp", C::Float(21.5))]),
+    )])));
+    let (r, out) = run(&payload, Limits::default());
+    assert_eq!(reasons(&r), vec!["malformed_cbor"], "{r:?}");
+    assert!(out.is_empty());
+}
