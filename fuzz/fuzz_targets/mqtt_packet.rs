@@ -12,6 +12,7 @@ fuzz_target!(|data: &[u8]| {
     while let Ok(Some(frame)) = packet::frame(rest, limit) {
         assert!(frame.len <= rest.len() && frame.len <= limit && frame.header <= frame.len);
         let bytes = &rest[..frame.len];
+        let _ = packet::sent_by_device(frame);
         let _ = packet::Connect::parse(bytes, frame);
         for v5 in [false, true] {
             let _ = packet::publish(bytes, frame, v5);

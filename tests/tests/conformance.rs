@@ -703,3 +703,75 @@ async fn mqtt5_request_response_keeps_every_property_of_the_message() {
         "the answer carries the request's correlation data"
     );
 }
+
+/// A device may send only the packets MQTT lets a client send, with the fixed-header flags
+/// MQTT gives them (§2.1.3; 3.1.1 §2.2.2). The rest end the connection as a protocol error at
+/// the guard and never reach rumqttd, whose MQTT 5 reader panics on a CONNACK or UNSUBACK
+/// with a body (found by the fuzz target `mqtt_rumqttd`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packets_only_a_server_sends_or_with_wrong_flags_end_the_connection_at_the_guard() {
+    let vm = VictoriaMetrics::start().await;
+    let gw = Gateway::start(&[("GATEWAY_SINK__URL", vm.url.clone())]).await;
+    let bad: [(&str, &[u8]); 8] = [
+        ("CONNACK", &[0x20, 2, 0, 0]),
+        ("SUBACK", &[0x90, 3, 0, 1, 0]),
+        ("UNSUBACK", &[0xB0, 2, 0, 1]),
+        ("PINGRESP", &[0xD0, 0]),
+        ("AUTH", &[0xF0, 0]),
+        ("reserved type 0", &[0x00, 0]),
+        ("PUBREL without its flags", &[0x60, 2, 0, 1]),
+        ("PINGREQ with flags", &[0xC1, 0]),
+    ];
+    let mut closed = 0.0;
+    for level in [4u8, 5] {
+        let port = if level == 5 {
+            gw.mqtt5_port
+        } else {
+            gw.mqtt_port
+        };
+        for (i, (what, bytes)) in bad.iter().enumerate() {
+            let id = format!("bad-{level}-{i}");
+            let mut d = Raw::open(port, &connect(level, &id, 30, &props(&[]), None)).await;
+            assert_eq!(d.next().await[0], 0x20, "CONNACK");
+            d.send(bytes).await;
+            if level == 5 {
+                assert_eq!(
+                    d.next().await,
+                    [0xE0, 1, 0x82],
+                    "{what}: DISCONNECT, protocol error"
+                );
+            }
+            assert_eq!(
+                d.next_within(Duration::from_secs(5)).await,
+                None,
+                "{what} (MQTT {level}): the connection closes"
+            );
+            closed += 1.0;
+        }
+    }
+    gw.wait_metric(
+        r#"gateway_connections_closed_total{reason="protocol_error"}"#,
+        closed,
+    )
+    .await;
+    // The broker never saw them: it has nothing to say, and the endpoint still works.
+    let ts = base_ms();
+    publish_v5(
+        gw.mqtt5_port,
+        "after",
+        vec![Message {
+            topic: "telemetry/after/env".to_owned(),
+            payload: reading(ts, 1.0),
+            content_type: Some("application/json"),
+        }],
+    )
+    .await
+    .expect("published");
+    eventually(Duration::from_secs(20), "the reading", || async {
+        anyhow::ensure!(vm.count(r#"{__name__="env_v",device="after"}"#).await? == 1);
+        Ok(())
+    })
+    .await;
+    let logs = gw.logs();
+    assert!(!logs.contains("panicked"), "a task panicked:\n{logs}");
+}

@@ -15,6 +15,7 @@ pub const PUBREC: u8 = 5;
 pub const PUBREL: u8 = 6;
 pub const PUBCOMP: u8 = 7;
 pub const SUBSCRIBE: u8 = 8;
+pub const UNSUBSCRIBE: u8 = 10;
 pub const PINGREQ: u8 = 12;
 pub const PINGRESP: u8 = 13;
 pub const DISCONNECT: u8 = 14;
@@ -74,6 +75,32 @@ pub fn frame(buf: &[u8], limit: usize) -> Result<Option<Frame>, PacketError> {
     Err(PacketError::Malformed(
         "remaining length longer than four bytes",
     ))
+}
+
+/// Whether a connected device may send the packet framed as `frame`: only the kinds MQTT lets
+/// a client send, each with the fixed-header flags MQTT gives it (MQTT 5 §2.1.3, 3.1.1
+/// §2.2.2), else the connection ends. Checked before anything is forwarded: rumqttd takes
+/// some of the rest badly (its MQTT 5 reader panics on a CONNACK or UNSUBACK with a body; its
+/// 3.1.1 reader logs a CONNACK and keeps the connection). AUTH is refused too: neither the
+/// guard nor rumqttd speaks MQTT 5 enhanced authentication.
+pub fn sent_by_device(frame: Frame) -> Result<(), PacketError> {
+    let flags = match frame.kind {
+        // The flags of a PUBLISH are its dup, QoS and retain ([`publish`] checks them).
+        PUBLISH => return Ok(()),
+        PUBREL | SUBSCRIBE | UNSUBSCRIBE => 0x02,
+        CONNECT | PUBACK | PUBREC | PUBCOMP | PINGREQ | DISCONNECT => 0,
+        _ => {
+            return Err(PacketError::Malformed(
+                "a packet type a client may not send",
+            ))
+        }
+    };
+    if frame.flags != flags {
+        return Err(PacketError::Malformed(
+            "reserved fixed-header flags are wrong",
+        ));
+    }
+    Ok(())
 }
 
 /// A reader over a packet's body; every read checks its bounds.
@@ -393,6 +420,7 @@ pub struct Publish<'a> {
 
 const TOPIC_ALIAS: u8 = 0x23;
 const CONTENT_TYPE: u8 = 0x03;
+const SUBSCRIPTION_IDENTIFIER: u8 = 0x0B;
 
 /// Parses the PUBLISH `packet` (fixed header included).
 pub fn publish(packet: &[u8], frame: Frame, v5: bool) -> Result<Publish<'_>, PacketError> {
@@ -423,6 +451,13 @@ pub fn publish(packet: &[u8], frame: Frame, v5: bool) -> Result<Publish<'_>, Pac
                 TOPIC_ALIAS => alias = Some(p.u16()?),
                 CONTENT_TYPE => content_type = Some(p.string()?),
                 PAYLOAD_FORMAT => utf8 = p.u8()? == 1,
+                // Only a server sends one (MQTT-3.3.4-6); rumqttd 0.20 miscounts its length
+                // and would read the properties after it as payload.
+                SUBSCRIPTION_IDENTIFIER => {
+                    return Err(PacketError::Malformed(
+                        "PUBLISH from a client with a subscription identifier",
+                    ))
+                }
                 id => skip_property(&mut p, id)?,
             }
         }
@@ -680,7 +715,25 @@ pub fn subscribe_filters(packet: &[u8], frame: Frame, v5: bool) -> Result<Vec<&s
     let mut r = Reader::new(&packet[frame.header..frame.len]);
     r.u16()?;
     if v5 {
-        r.properties()?;
+        let mut p = Reader::new(r.properties()?);
+        p.varint()?;
+        let mut identified = false;
+        while !p.is_empty() {
+            match p.u8()? {
+                // One at most, and not 0 (MQTT 5 §3.8.2.1.2). rumqttd 0.20 counts each one a
+                // byte too long: with several, it would take the last properties for the
+                // first topic filter and subscribe to filters the guard never checked.
+                SUBSCRIPTION_IDENTIFIER => {
+                    if identified || p.varint()? == 0 {
+                        return Err(PacketError::Malformed(
+                            "SUBSCRIBE with a second subscription identifier or one of 0",
+                        ));
+                    }
+                    identified = true;
+                }
+                id => skip_property(&mut p, id)?,
+            }
+        }
     }
     let mut filters = Vec::new();
     while !r.is_empty() {
@@ -927,6 +980,73 @@ mod tests {
         let p = framed(0x82, &body);
         let f = frame(&p, 1000).expect("test").expect("test");
         assert_eq!(subscribe_filters(&p, f, true), Ok(vec!["a/+", "#"]));
+    }
+
+    /// Found by the fuzz target `mqtt_rumqttd`: rumqttd 0.20 counts a subscription
+    /// identifier a byte too long, so with two of them it read the last two property bytes
+    /// of this PUBLISH as payload. A client may not send one in a PUBLISH at all.
+    #[test]
+    fn a_publish_from_a_device_with_a_subscription_identifier_is_malformed() {
+        let p = [
+            0x39, 0x10, 0, 0, 0x0a, 0x0b, 0, 0x23, 0, 4, 0x0b, 0xff, 0, 1, 0xb3, 0xd4, 0xff, 0xab,
+        ];
+        let f = frame(&p, 1000).expect("test").expect("test");
+        assert_eq!(
+            publish(&p, f, true),
+            Err(PacketError::Malformed(
+                "PUBLISH from a client with a subscription identifier"
+            ))
+        );
+        // Without it, the same packet parses.
+        let q = [0x39, 0x08, 0, 0, 0x02, 0x01, 0xb3, 0xd4, 0xff, 0xab];
+        let f = frame(&q, 1000).expect("test").expect("test");
+        assert_eq!(publish(&q, f, true).map(|p| p.payload), Ok(&q[7..]));
+    }
+
+    /// The same miscount in a SUBSCRIBE: three identifiers and rumqttd took the third for the
+    /// start of a topic filter the guard never checked.
+    #[test]
+    fn a_subscribe_with_a_second_subscription_identifier_or_one_of_0_is_malformed() {
+        let with = |props: &[u8]| {
+            let mut body = 9u16.to_be_bytes().to_vec();
+            put_varint(&mut body, props.len());
+            body.extend_from_slice(props);
+            put_binary(&mut body, b"commands/d/#");
+            body.push(1);
+            framed(0x82, &body)
+        };
+        let refused = Err(PacketError::Malformed(
+            "SUBSCRIBE with a second subscription identifier or one of 0",
+        ));
+        for props in [&[0x0b, 1, 0x0b, 1, 0x0b, 1][..], &[0x0b, 0]] {
+            let p = with(props);
+            let f = frame(&p, 1000).expect("test").expect("test");
+            assert_eq!(subscribe_filters(&p, f, true), refused, "{props:?}");
+        }
+        let p = with(&[0x0b, 0x81, 1, 0x26, 0, 1, b'k', 0, 1, b'v']);
+        let f = frame(&p, 1000).expect("test").expect("test");
+        assert_eq!(subscribe_filters(&p, f, true), Ok(vec!["commands/d/#"]));
+    }
+
+    #[test]
+    fn a_device_may_send_only_client_packets_with_their_flags() {
+        let of = |first: u8| Frame {
+            kind: first >> 4,
+            flags: first & 0x0f,
+            header: 2,
+            len: 2,
+        };
+        for first in [
+            0x10, 0x30, 0x3b, 0x40, 0x50, 0x62, 0x70, 0x82, 0xa2, 0xc0, 0xe0,
+        ] {
+            assert_eq!(sent_by_device(of(first)), Ok(()), "{first:#04x}");
+        }
+        // Reserved 0, CONNACK, SUBACK, UNSUBACK, PINGRESP, AUTH; then wrong flags.
+        for first in [
+            0x00, 0x20, 0x90, 0xb0, 0xd0, 0xf0, 0x11, 0x60, 0x80, 0xa0, 0xc1, 0xe2,
+        ] {
+            assert!(sent_by_device(of(first)).is_err(), "{first:#04x}");
+        }
     }
 
     #[test]

@@ -330,6 +330,7 @@ impl<'g> Session<'g> {
     /// One packet: taken in (telemetry), answered, or queued for the broker.
     async fn handle(&mut self, bytes: &[u8], frame: Frame) -> Result<(), Outcome> {
         let malformed = |e: PacketError| Outcome::Violation("protocol_error", e.to_string());
+        packet::sent_by_device(frame).map_err(malformed)?;
         match frame.kind {
             packet::PUBLISH => {
                 let publish = packet::publish(bytes, frame, self.v5).map_err(malformed)?;
@@ -421,6 +422,7 @@ impl<'g> Session<'g> {
                 "protocol_error",
                 "a second CONNECT".to_owned(),
             )),
+            // UNSUBSCRIBE: what a device leaves is its own affair.
             _ => {
                 self.forward.extend_from_slice(bytes);
                 Ok(())
