@@ -195,9 +195,7 @@ impl Deliverer {
             warn!(%id, "redrive interrupted; the record stays in the dead-letter queue");
             return Ok(Redrive::SinkDown);
         }
-        let deleted = self.dlq.delete(vec![id.clone()]).await;
-        self.dlq.end_redrive(&id, readings);
-        deleted?;
+        self.dlq.drained(id, readings).await;
         Ok(if settled.down {
             Redrive::SinkDown
         } else {

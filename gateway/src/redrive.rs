@@ -35,6 +35,9 @@ pub async fn run(
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
         }
+        if let Err(e) = dlq.retry_deletes().await {
+            error!(error = %e, "still cannot delete redriven dead-letter records");
+        }
         let batch = dlq.oldest(Kind::RetriesExhausted, 64);
         if batch.is_empty() {
             wait = config.interval;

@@ -98,6 +98,9 @@ pub struct Wal {
     feed: Notify,
     /// Ids of records whose readings are all settled, waiting for their tombstone.
     released: Mutex<Vec<String>>,
+    /// Released records whose tombstones the disk refused: tried again with the next round
+    /// of releases (not at once, which would spin while the disk keeps refusing).
+    unreleased: Mutex<Vec<String>>,
     /// Line bytes in records not yet released (and in the pending group).
     used: AtomicU64,
     /// Wakes appends waiting for room.
@@ -182,6 +185,7 @@ impl Wal {
             window: Mutex::new(Window { behind, decided }),
             feed: Notify::new(),
             released: Mutex::new(Vec::new()),
+            unreleased: Mutex::new(Vec::new()),
             used: AtomicU64::new(live_bytes),
             room: Notify::new(),
             queue: Mutex::new(Some(queue)),
@@ -370,6 +374,13 @@ impl Wal {
     /// Writes the tombstones of released records and gives their room back.
     fn apply_releases(&self) {
         let mut ids = std::mem::take(&mut *self.released.lock().unwrap_or_else(|p| p.into_inner()));
+        // At finish, also when nothing new is released.
+        if ids.is_empty() && !self.finishing.load(Ordering::Acquire) {
+            return;
+        }
+        ids.extend(std::mem::take(
+            &mut *self.unreleased.lock().unwrap_or_else(|p| p.into_inner()),
+        ));
         if ids.is_empty() {
             return;
         }
@@ -393,8 +404,14 @@ impl Wal {
             .map(|e| e.data_len as u64)
             .sum();
         if let Err(e) = log.delete(&ids) {
-            // The records stay live: written again after a restart (the same points).
-            error!(error = %e, records = ids.len(), "cannot release write-ahead log records");
+            // The records stay live and keep their room; the feeder is past them, so they are
+            // not read again in this run. A restart before a later try succeeds writes them
+            // again (the same points, which the sink stores once).
+            error!(error = %e, records = ids.len(), "cannot release write-ahead log records; trying again with the next ones");
+            self.unreleased
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(ids);
             return;
         }
         drop(log);
@@ -971,6 +988,54 @@ mod tests {
         let _ = r.take(10, true).await;
         assert!(blocked.await.expect("joined"), "room again once released");
         let _ = r.take(1, true).await;
+        r.stop().await;
+    }
+
+    /// The disk refuses a release's tombstones: the records stay on disk and keep their room,
+    /// nothing enters the queue again, and the next round of releases takes them along.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refused_release_is_tried_again_and_nothing_is_read_twice() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut r = start(dir.path(), 1 << 20, 1000);
+        for i in 0..10 {
+            r.append(i).await;
+        }
+        r.wait_acked(10).await;
+        let records = r.metrics.wal_records.get();
+        assert!(records > 0);
+        r.wal.lock_log().fail_next_deletes(1);
+        assert_eq!(r.take(10, true).await, expected(0..10));
+        for _ in 0..200 {
+            if r.wal.lock_log().fail_next_deletes_left() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(r.metrics.wal_records.get(), records, "still on disk");
+        let used = r.wal.used.load(Ordering::Acquire);
+        assert!(used > 0, "their room is not given back");
+        r.append(10).await;
+        r.wait_acked(11).await;
+        // Only the new reading comes: the refused records are not fed again.
+        assert_eq!(r.take(1, true).await, expected(10..11));
+        for _ in 0..200 {
+            if r.metrics.wal_records.get() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(
+            r.metrics.wal_records.get(),
+            0,
+            "released with the next round"
+        );
+        assert_eq!(r.wal.used.load(Ordering::Acquire), 0);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), r.rx.recv())
+                .await
+                .is_err(),
+            "nothing more in the queue"
+        );
         r.stop().await;
     }
 

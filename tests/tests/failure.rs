@@ -109,6 +109,37 @@ async fn outage_is_redriven_without_an_operator() {
     assert!(logs.contains("the sink is back"));
 }
 
+/// The disk refuses the delete of the first record redriven (a failpoint): the record is
+/// drained all the same, never written a second time, and deleted by the next try.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redriven_record_whose_delete_fails_is_written_once() {
+    let mut vm = VictoriaMetrics::start().await;
+    let gw = Gateway::start(&[
+        ("GATEWAY_SINK__URL", vm.url.clone()),
+        ("GATEWAY_SINK__TIMEOUT", "2s".into()),
+        ("GATEWAY_SINK__MAX_ATTEMPTS", "2".into()),
+        ("GATEWAY_SINK__RETRY_INITIAL", "50ms".into()),
+        ("GATEWAY_SINK__RETRY_MAX", "500ms".into()),
+        ("FAILPOINTS", "dlq_delete_fails=1".into()),
+    ])
+    .await;
+    vm.stop();
+    publish_fleet(gw.mqtt_port, fleet(5, 20, 10, "undeleted", Encoding::Json)).await;
+    gw.wait_metric("gateway_dlq_readings", 1_000.0).await;
+    vm.restart().await;
+    let m = settled(&gw, 1_000.0).await;
+    assert_eq!(get(&m, "gateway_dlq_redriven_readings_total"), 1_000.0);
+    assert_eq!(vm_count(&vm, "undeleted", 1_000).await, 1_000);
+    let logs = gw.logs();
+    assert!(
+        logs.contains("cannot delete a redriven dead-letter record"),
+        "the failpoint fired"
+    );
+    let (code, listed, err) = gw.dlq(&["list"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(listed.as_array().map(Vec::len), Some(0), "deleted at last");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn faults_through_a_proxy_are_retried_and_redriven() {
     let vm = VictoriaMetrics::start().await;

@@ -16,6 +16,10 @@ pub struct SharedDlq {
     /// Ids a redrive or retention is working on: each record has one owner at a time, so a
     /// record is never both redriven and expired.
     claimed: Mutex<std::collections::HashSet<String>>,
+    /// Records redriven (written, or parked again) whose delete failed, with their accepted
+    /// readings: still on disk, so they stay claimed (never redriven or expired again in this
+    /// run), out of the gauges, and their delete is tried again before each redrive round.
+    undeleted: Mutex<std::collections::HashMap<String, u32>>,
 }
 
 impl SharedDlq {
@@ -27,6 +31,7 @@ impl SharedDlq {
             metrics,
             redriving: AtomicU64::new(0),
             claimed: Mutex::new(Default::default()),
+            undeleted: Mutex::new(Default::default()),
         });
         shared.refresh();
         shared
@@ -83,11 +88,12 @@ impl SharedDlq {
             })?
     }
 
-    /// Ids of the oldest records of `kind`, at most `limit`.
+    /// Ids of the oldest records of `kind` that nothing has claimed, at most `limit`.
     pub fn oldest(&self, kind: Kind, limit: usize) -> Vec<(String, u32)> {
+        let claimed = self.claimed();
         self.lock()
             .entries()
-            .filter(|e| e.meta.kind == kind)
+            .filter(|e| e.meta.kind == kind && !claimed.contains(&e.id))
             .take(limit)
             .map(|e| (e.id.clone(), e.meta.readings))
             .collect()
@@ -112,12 +118,57 @@ impl SharedDlq {
         true
     }
 
-    /// Ends a redrive: the record's readings are written, parked again, or back in it.
+    /// Ends a redrive whose readings are back in the record (not written).
     pub fn end_redrive(&self, id: &str, readings: u32) {
         self.claimed().remove(id);
         self.redriving
             .fetch_sub(u64::from(readings), Ordering::Relaxed);
         self.refresh();
+    }
+
+    /// Ends a redrive whose readings are written or parked again: the record goes. If its
+    /// delete fails it is drained all the same: it keeps its claim and stays out of the
+    /// gauges until [`Self::retry_deletes`] gets it off the disk. Its readings are never
+    /// written twice in one run; a restart before the delete lands writes them again (the
+    /// same points, which the sink stores once).
+    pub async fn drained(self: &Arc<Self>, id: String, readings: u32) {
+        if let Err(e) = self.delete(vec![id.clone()]).await {
+            tracing::error!(%id, error = %e, "cannot delete a redriven dead-letter record; it stays drained and the delete is tried again");
+            self.undeleted().insert(id, readings);
+            self.refresh();
+            return;
+        }
+        self.end_redrive(&id, readings);
+    }
+
+    fn undeleted(&self) -> MutexGuard<'_, std::collections::HashMap<String, u32>> {
+        self.undeleted
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Deletes the records redriven earlier whose delete failed.
+    pub async fn retry_deletes(self: &Arc<Self>) -> Result<(), DlqError> {
+        let held: Vec<(String, u32)> = self.undeleted().drain().collect();
+        if held.is_empty() {
+            return Ok(());
+        }
+        // One that an operator purged meanwhile would make the whole delete fail.
+        let ids: Vec<String> = {
+            let dlq = self.lock();
+            held.iter()
+                .filter(|(id, _)| dlq.get(id).is_some())
+                .map(|(id, _)| id.clone())
+                .collect()
+        };
+        if let Err(e) = self.delete(ids).await {
+            self.undeleted().extend(held);
+            return Err(e);
+        }
+        for (id, readings) in held {
+            self.end_redrive(&id, readings);
+        }
+        Ok(())
     }
 
     /// Deletes records whose first failure is older than `retention`, and says so.
@@ -167,7 +218,9 @@ impl SharedDlq {
     pub fn refresh(&self) {
         let s = self.lock().stats();
         let m = &self.metrics;
-        m.dlq_records.set(s.records as i64);
+        let undeleted = self.undeleted().len() as u64;
+        m.dlq_records
+            .set(s.records.saturating_sub(undeleted) as i64);
         let redriving = self.redriving.load(Ordering::Relaxed);
         m.dlq_readings
             .set(s.accepted_readings.saturating_sub(redriving) as i64);
@@ -177,5 +230,57 @@ impl SharedDlq {
             .oldest_failure_ms
             .map_or(0.0, |t| (super::now_ms() - t).max(0) as f64 / 1000.0);
         m.dlq_oldest_age_seconds.set(age);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(readings: u32) -> Meta {
+        crate::seglog::log::tests::meta(Kind::RetriesExhausted, readings)
+    }
+
+    /// A redriven record whose delete the disk refuses is drained all the same: never handed
+    /// out for redrive again, out of the gauges (its readings are written), and deleted by
+    /// the next try.
+    #[tokio::test]
+    async fn a_record_whose_delete_fails_is_never_redriven_twice() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (dlq, _) =
+            Dlq::open(dir.path(), super::super::options_for(1 << 20, 4096), true).expect("open");
+        let metrics = Arc::new(Metrics::new());
+        let shared = SharedDlq::new(dlq, metrics.clone());
+        let a = shared
+            .append(meta(3), b"m v=1 1\n".to_vec())
+            .await
+            .expect("a");
+        let b = shared
+            .append(meta(2), b"m v=2 2\n".to_vec())
+            .await
+            .expect("b");
+        assert_eq!(shared.oldest(Kind::RetriesExhausted, 64).len(), 2);
+        assert!(shared.begin_redrive(&a, 3));
+        shared.lock().fail_next_deletes(1);
+        shared.drained(a.clone(), 3).await;
+        assert!(shared.lock().get(&a).is_some(), "still on disk");
+        assert_eq!(
+            shared.oldest(Kind::RetriesExhausted, 64),
+            vec![(b.clone(), 2)],
+            "not handed out again"
+        );
+        assert!(!shared.begin_redrive(&a, 3), "still claimed");
+        assert_eq!(
+            (metrics.dlq_records.get(), metrics.dlq_readings.get()),
+            (1, 2),
+            "only b in the gauges"
+        );
+        shared.retry_deletes().await.expect("deleted now");
+        assert!(shared.lock().get(&a).is_none(), "gone");
+        assert_eq!(
+            (metrics.dlq_records.get(), metrics.dlq_readings.get()),
+            (1, 2)
+        );
+        assert!(shared.begin_redrive(&b, 2), "b is free");
     }
 }

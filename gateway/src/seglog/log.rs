@@ -119,6 +119,10 @@ pub struct SegLog {
     /// The next segment number. Never reused: `deleted.log` may still name ids of a removed
     /// segment, and a reused number would make those tombstones hide new records.
     next_seq: u64,
+    /// Test failpoint: this many deletes fail as a disk that refuses the write would
+    /// (`FAILPOINTS=dlq_delete_fails=N` or `wal_delete_fails=N` in builds with the
+    /// `failpoints` feature); 0 otherwise.
+    failing_deletes: u64,
 }
 
 const DELETED: &str = "deleted.log";
@@ -127,6 +131,25 @@ const DELETED_MAGIC: &[u8; 8] = format::DELETED_MAGIC;
 /// Tombstones written before `deleted.log` is compacted again.
 const COMPACT_TOMBSTONES: usize = 65_536;
 const LOCK: &str = "LOCK";
+
+/// `<prefix>_delete_fails=N` from `FAILPOINTS`, the prefix that of the log's size key.
+#[cfg(feature = "failpoints")]
+fn failing_deletes(options: &Options) -> u64 {
+    let prefix = options.max_key.split('.').next().unwrap_or_default();
+    let name = format!("{prefix}_delete_fails");
+    std::env::var("FAILPOINTS")
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|item| item.trim().split_once('='))
+        .find(|(key, _)| *key == name)
+        .and_then(|(_, n)| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[cfg(not(feature = "failpoints"))]
+fn failing_deletes(_: &Options) -> u64 {
+    0
+}
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> LogError + '_ {
     move |source| LogError::Io {
@@ -178,6 +201,7 @@ impl SegLog {
         } else {
             None
         };
+        let failing_deletes = failing_deletes(&options);
         let mut dlq = Self {
             dir: dir.to_owned(),
             options,
@@ -191,6 +215,7 @@ impl SegLog {
             damaged: HashSet::new(),
             versions: HashMap::new(),
             next_seq: 1,
+            failing_deletes,
         };
         let mut recovery = Recovery::default();
         if !dir.exists() {
@@ -666,6 +691,12 @@ impl SegLog {
             return Ok(());
         }
         let path = self.dir.join(DELETED);
+        if self.failing_deletes > 0 {
+            self.failing_deletes -= 1;
+            return Err(io_err(&path)(std::io::Error::other(
+                "failpoint: the disk refuses the tombstones",
+            )));
+        }
         if self.deleted_log.is_none() {
             self.tombstones = self.compact_deleted()?;
         }
@@ -713,6 +744,18 @@ impl SegLog {
             }
         }
         Ok(())
+    }
+
+    /// Makes the next `n` deletes fail as a disk that refuses the write would.
+    #[cfg(test)]
+    pub fn fail_next_deletes(&mut self, n: u64) {
+        self.failing_deletes = n;
+    }
+
+    /// How many of those are still to fail.
+    #[cfg(test)]
+    pub fn fail_next_deletes_left(&self) -> u64 {
+        self.failing_deletes
     }
 
     /// Bytes of all segment files, live or not (one entry per segment, cheap to sum).
@@ -766,7 +809,7 @@ fn sync_dir(dir: &Path) -> Result<(), LogError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn opts() -> Options {
@@ -777,7 +820,8 @@ mod tests {
         }
     }
 
-    fn meta(kind: Kind, readings: u32) -> Meta {
+    /// A record's meta as a sink outage leaves it.
+    pub(crate) fn meta(kind: Kind, readings: u32) -> Meta {
         Meta {
             kind,
             reason: "503 Service Unavailable".into(),
