@@ -26,13 +26,13 @@ pub enum AdminError {
     },
 }
 
-/// Binds now (so a taken port fails start-up), serves until `stop`.
+/// Binds now (so a taken port fails start-up); the future returned serves until `stop`.
 pub async fn serve(
     addr: SocketAddr,
     token: Secret,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
-) -> Result<tokio::task::JoinHandle<()>, AdminError> {
+) -> Result<impl std::future::Future<Output = ()> + Send + 'static, AdminError> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| AdminError::Bind { addr, source })?;
@@ -48,14 +48,14 @@ pub async fn serve(
     let app = guarded
         .route("/healthz", get(|| async { "ok\n" }))
         .with_state(metrics);
-    Ok(tokio::spawn(async move {
+    Ok(async move {
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(async move { stop.cancelled().await })
             .await;
         if let Err(e) = served {
             tracing::error!(error = %e, "admin listener failed");
         }
-    }))
+    })
 }
 
 /// With a token configured, only requests that carry it get through.

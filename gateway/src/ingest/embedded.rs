@@ -13,17 +13,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rumqttd::{Broker, ConnectionSettings, RouterConfig, ServerSettings};
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use super::{guard, IngestError, Intake};
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::tasks::{Task, Tasks};
 
 /// The running guard and broker.
 pub struct Embedded {
     guard: Arc<guard::Guard>,
-    serving: tokio::task::JoinHandle<()>,
-    alerts: tokio::task::JoinHandle<()>,
+    serving: Task,
+    alerts: Task,
 }
 
 /// Where rumqttd listens and what login it requires.
@@ -38,6 +39,7 @@ pub async fn start(
     config: &Config,
     intake: Arc<Intake>,
     metrics: Arc<Metrics>,
+    tasks: &Tasks,
 ) -> Result<Embedded, IngestError> {
     let mqtt = &config.mqtt;
     if config.auth.anonymous {
@@ -54,12 +56,21 @@ pub async fn start(
     let alerts = broker
         .alerts()
         .map_err(|e| IngestError::Broker(format!("no alerts link: {e}")))?;
+    // rumqttd runs for as long as the process: its end, by error or panic, stops the gateway.
+    let reporter = tasks.reporter();
     std::thread::Builder::new()
         .name("mqtt-broker".into())
         .spawn(move || {
-            if let Err(e) = broker.start() {
-                error!(error = %e, "embedded broker stopped");
-            }
+            // The closure returns the error as text: rumqttd's error type is large.
+            let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                broker.start().map_err(|e| e.to_string())
+            }));
+            let how = match started {
+                Ok(Ok(())) => "ended on its own".to_owned(),
+                Ok(Err(e)) => format!("stopped: {e}"),
+                Err(_) => "panicked".to_owned(),
+            };
+            reporter.ended("embedded broker", how);
         })
         .map_err(|e| IngestError::Broker(format!("cannot start the broker thread: {e}")))?;
     let guard = Arc::new(guard::Guard::new(
@@ -69,8 +80,11 @@ pub async fn start(
         intake,
         metrics.clone(),
     )?);
-    let serving = tokio::spawn(guard.clone().run(listeners, config.auth.reload_interval));
-    let alerts = tokio::spawn(watch_alerts(alerts, metrics));
+    let serving = tasks.spawn(
+        "guard",
+        guard.clone().run(listeners, config.auth.reload_interval),
+    );
+    let alerts = tasks.spawn("broker alerts", watch_alerts(alerts, metrics));
     info!(
         v4 = %mqtt.listen,
         v5 = %mqtt.listen_v5,
@@ -90,14 +104,14 @@ impl Embedded {
     /// Shutdown, first step: no new connections, no more reading from devices.
     pub async fn stop_reading(&mut self) {
         self.guard.stop_reading();
-        let _ = (&mut self.serving).await;
+        self.serving.join().await;
     }
 
     /// Shutdown, last step: the acknowledgements still due are written and the connections
     /// closed.
-    pub async fn close(self, grace: Duration) {
+    pub async fn close(mut self, grace: Duration) {
         self.guard.close(grace).await;
-        self.alerts.abort();
+        self.alerts.abort().await;
     }
 }
 

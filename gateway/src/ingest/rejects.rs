@@ -28,10 +28,16 @@ pub struct Rejects {
 
 impl Rejects {
     /// Starts the writer task; `per_device` is the allowance per device and minute.
-    pub fn start(dlq: Arc<SharedDlq>, per_device: u32, metrics: Arc<Metrics>) -> Self {
+    pub fn start(
+        dlq: Arc<SharedDlq>,
+        per_device: u32,
+        metrics: Arc<Metrics>,
+        tasks: &crate::tasks::Tasks,
+    ) -> Self {
         let (tx, mut rx) = mpsc::channel::<(Meta, Vec<u8>)>(BACKLOG);
         let writer_metrics = metrics.clone();
-        tokio::spawn(async move {
+        // Ends once intake, which holds the sender, is gone.
+        tasks.spawn("rejected input keeper", async move {
             while let Some((meta, payload)) = rx.recv().await {
                 if let Err(e) = dlq.append(meta, payload).await {
                     writer_metrics.dlq_rejected_input_skipped.inc();

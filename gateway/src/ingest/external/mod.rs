@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use super::{IngestError, Intake};
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::tasks::{Task, Tasks};
 
 pub use link::parse_url;
 
@@ -37,8 +38,8 @@ const INTAKE_DEPTH: usize = 32;
 /// The running connection: the intake task ends when input stops; the link goes on until
 /// `finish` so that acknowledgements of what is still being written get out.
 pub struct External {
-    pub intake: tokio::task::JoinHandle<()>,
-    pub link: tokio::task::JoinHandle<()>,
+    pub intake: Task,
+    pub link: Task,
     pub finish: CancellationToken,
 }
 
@@ -153,6 +154,7 @@ pub fn start(
     metrics: Arc<Metrics>,
     stop_input: CancellationToken,
     cut_batch: Arc<Notify>,
+    tasks: &Tasks,
 ) -> Result<External, IngestError> {
     let settings = link::Settings::new(config, &filter)?;
     let acks = Arc::new(Acks::new(metrics.clone()));
@@ -162,7 +164,7 @@ pub fn start(
     let stop = stop_input.clone();
     let acks_for_intake = acks.clone();
     let full = window.clone();
-    let intake_task = tokio::spawn(async move {
+    let intake_task = tasks.spawn("mqtt intake", async move {
         loop {
             let message = tokio::select! {
                 biased;
@@ -206,17 +208,20 @@ pub fn start(
     });
 
     let finish = CancellationToken::new();
-    let link_task = tokio::spawn(link::run(
-        settings,
-        link::Shared {
-            tx,
-            acks,
-            window,
-            metrics,
-            stop_input,
-            finish: finish.clone(),
-        },
-    ));
+    let link_task = tasks.spawn(
+        "broker link",
+        link::run(
+            settings,
+            link::Shared {
+                tx,
+                acks,
+                window,
+                metrics,
+                stop_input,
+                finish: finish.clone(),
+            },
+        ),
+    );
     Ok(External {
         intake: intake_task,
         link: link_task,
