@@ -236,6 +236,93 @@ mod tests {
         }
     }
 
+    use crate::deliver::tests::{lines, rig, Rig};
+    use crate::sink::fake::Scripted;
+
+    /// Runs the batcher over `chunks` (each a list of lines) with these limits, drains it,
+    /// and returns the rig to look at what the sink got.
+    async fn batched(chunks: Vec<Vec<String>>, limits: BatchLimits, drain_at_end: bool) -> Rig {
+        let r = rig(Scripted::new(vec![]));
+        let (tx, rx) = crate::queue::bounded(1000, 1 << 20, r.metrics.clone());
+        let drain = CancellationToken::new();
+        let task = tokio::spawn(run(
+            rx,
+            limits,
+            r.deliverer.clone(),
+            drain.clone(),
+            Arc::new(Notify::new()),
+        ));
+        let total: usize = chunks.iter().map(Vec::len).sum();
+        for c in chunks {
+            let body: String = c.iter().map(|l| format!("{l}\n")).collect();
+            let chunk = Chunk {
+                lines: body.into_bytes(),
+                readings: c.len() as u32,
+                received: Instant::now(),
+                topic: "telemetry/d/m".into(),
+                ack: None,
+            };
+            assert!(tx.push(chunk).await.is_ok());
+        }
+        if drain_at_end {
+            drain.cancel();
+            task.await.expect("batcher");
+        } else {
+            while r.sink.written().len() < total {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            drain.cancel();
+            task.await.expect("batcher");
+        }
+        r
+    }
+
+    fn limits(max_readings: usize, max_bytes: usize, linger: Duration) -> BatchLimits {
+        BatchLimits {
+            max_readings,
+            max_bytes,
+            linger,
+            max_in_flight: 1,
+        }
+    }
+
+    fn sizes(r: &Rig) -> Vec<usize> {
+        r.sink.bodies().iter().map(|b| b.lines().count()).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_goes_when_it_holds_max_readings() {
+        let chunks = (0..7).map(|i| lines(1, &i.to_string())).collect();
+        let r = batched(chunks, limits(3, 1 << 20, Duration::from_secs(3600)), true).await;
+        assert_eq!(sizes(&r), [3, 3, 1]);
+        assert_eq!(r.metrics.sink_readings_written.get(), 7);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_goes_before_it_would_pass_max_bytes_and_keeps_messages_whole() {
+        // Chunks of two 10-byte lines; 50 bytes hold two chunks, not three.
+        let chunks = (0..5)
+            .map(|i| lines(2, &format!("{i}")[..1]))
+            .collect::<Vec<_>>();
+        assert!(chunks[0].iter().all(|l| l.len() + 1 == 12));
+        let r = batched(chunks, limits(1000, 50, Duration::from_secs(3600)), true).await;
+        assert_eq!(sizes(&r), [4, 4, 2]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_that_does_not_fill_goes_after_its_linger() {
+        let started = tokio::time::Instant::now();
+        let r = batched(
+            vec![lines(2, "a")],
+            limits(1000, 1 << 20, Duration::from_millis(200)),
+            false,
+        )
+        .await;
+        assert_eq!(sizes(&r), [2]);
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        assert!(started.elapsed() < Duration::from_millis(300));
+    }
+
     #[test]
     fn split_at_line_keeps_lines_and_origins_together() {
         let batch = Batch {

@@ -25,7 +25,7 @@ use crate::batch::Batch;
 use crate::dlq::{self, DlqError, Kind, Meta, SharedDlq};
 use crate::metrics::{Metrics, Outcome};
 use crate::retry::Backoff;
-use crate::sink::{Sink, SinkError};
+use crate::sink::{SinkError, Write};
 
 /// Whether the sink is considered down, and since when; logged on changes only.
 #[derive(Default)]
@@ -73,7 +73,7 @@ impl Policy {
 }
 
 pub struct Deliverer {
-    sink: Sink,
+    sink: Arc<dyn Write>,
     metrics: Arc<Metrics>,
     dlq: Arc<SharedDlq>,
     policy: Policy,
@@ -131,7 +131,12 @@ pub enum Redrive {
 }
 
 impl Deliverer {
-    pub fn new(sink: Sink, metrics: Arc<Metrics>, dlq: Arc<SharedDlq>, policy: Policy) -> Self {
+    pub fn new(
+        sink: Arc<dyn Write>,
+        metrics: Arc<Metrics>,
+        dlq: Arc<SharedDlq>,
+        policy: Policy,
+    ) -> Self {
         Self {
             sink,
             metrics,
@@ -545,5 +550,223 @@ impl Deliverer {
         self.metrics
             .sink_readings_written
             .inc_by(u64::from(batch.readings));
+    }
+}
+
+/// Delivery in-process against a scripted sink: retry classes, Retry-After, bisection,
+/// parking by kind, sink-down detection and redrive, in milliseconds.
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::sink::fake::{self, Scripted};
+
+    pub(crate) struct Rig {
+        pub deliverer: Arc<Deliverer>,
+        pub sink: Arc<Scripted>,
+        pub dlq: Arc<SharedDlq>,
+        pub metrics: Arc<Metrics>,
+        _dir: tempfile::TempDir,
+    }
+
+    /// A deliverer over `sink` with three attempts and millisecond backoff.
+    pub(crate) fn rig(sink: Scripted) -> Rig {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (queue, _) =
+            dlq::Dlq::open(dir.path(), dlq::options_for(1 << 20, 1 << 16), true).expect("dlq");
+        let metrics = Arc::new(Metrics::new());
+        let dlq = SharedDlq::new(queue, metrics.clone());
+        let policy = Policy {
+            backoff: crate::retry::Backoff {
+                initial: Duration::from_millis(1),
+                max: Duration::from_millis(10),
+            },
+            max_attempts: 3,
+            gzip: false,
+            hold_when_full: false,
+            park_while_down: true,
+            retry_forever: false,
+        };
+        let sink = Arc::new(sink);
+        Rig {
+            deliverer: Arc::new(Deliverer::new(
+                sink.clone(),
+                metrics.clone(),
+                dlq.clone(),
+                policy,
+            )),
+            sink,
+            dlq,
+            metrics,
+            _dir: dir,
+        }
+    }
+
+    pub(crate) fn lines(n: u32, tag: &str) -> Vec<String> {
+        (0..n).map(|i| format!("m,d={tag} v={i} {i}")).collect()
+    }
+
+    fn batch(lines: &[String]) -> Batch {
+        let body: String = lines.iter().map(|l| format!("{l}\n")).collect();
+        Batch::from_lines(body.into_bytes(), "telemetry/d/m".into())
+    }
+
+    impl Rig {
+        pub(crate) async fn deliver(&self, lines: &[String]) {
+            self.metrics.readings_in_flight.inc_by(lines.len() as i64);
+            self.deliverer.deliver(batch(lines)).await;
+        }
+
+        pub(crate) fn parked(&self, kind: Kind) -> Vec<(String, u32)> {
+            self.dlq.oldest(kind, 1000)
+        }
+
+        fn requests(&self, outcome: &'static str) -> u64 {
+            self.metrics
+                .sink_requests
+                .get_or_create(&Outcome { outcome })
+                .get()
+        }
+    }
+
+    #[tokio::test]
+    async fn unavailable_and_unreachable_are_retried_then_written() {
+        let r = rig(Scripted::new(vec![
+            Err(fake::unavailable(None)),
+            Err(fake::unreachable()),
+        ]));
+        let l = lines(2, "a");
+        r.deliver(&l).await;
+        assert_eq!(r.sink.written(), l);
+        assert_eq!(
+            (
+                r.requests("server_error"),
+                r.requests("unreachable"),
+                r.requests("ok")
+            ),
+            (1, 1, 1)
+        );
+        assert_eq!(r.metrics.sink_retries.get(), 2);
+        assert_eq!(r.metrics.sink_readings_written.get(), 2);
+        assert_eq!(r.metrics.readings_in_flight.get(), 0);
+        assert_eq!(r.metrics.sink_up.get(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_is_waited_for_even_above_the_backoff() {
+        let r = rig(Scripted::new(vec![Err(fake::unavailable(Some(
+            Duration::from_secs(30),
+        )))]));
+        let started = tokio::time::Instant::now();
+        r.deliver(&lines(1, "a")).await;
+        assert!(started.elapsed() >= Duration::from_secs(30));
+        assert_eq!(r.sink.written().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_rejected_batch_is_bisected_and_only_the_bad_line_parked() {
+        let r = rig(Scripted::with_rule(vec![], |body| {
+            if body.contains("bad") {
+                Err(SinkError::from_status(
+                    400,
+                    "field type conflict".into(),
+                    None,
+                ))
+            } else {
+                Ok(())
+            }
+        }));
+        let mut l = lines(8, "a");
+        l[5] = "m,d=a v=\"bad\" 5".to_owned();
+        r.deliver(&l).await;
+        let good: Vec<String> = l.iter().filter(|x| !x.contains("bad")).cloned().collect();
+        assert_eq!(r.sink.written(), good, "every good line, in order");
+        let parked = r.parked(Kind::RejectedBySink);
+        assert_eq!(parked.len(), 1);
+        let (meta, data) = r.dlq.read(parked[0].0.clone()).await.expect("read");
+        assert_eq!(data, format!("{}\n", l[5]).into_bytes());
+        assert_eq!((meta.status, meta.readings), (Some(400), 1));
+        assert_eq!(r.metrics.sink_up.get(), 1, "a 400 is the sink answering");
+        assert_eq!(r.metrics.readings_in_flight.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn too_large_is_split_until_it_fits() {
+        let r = rig(Scripted::with_rule(vec![], |body| {
+            if body.lines().count() > 2 {
+                Err(SinkError::from_status(413, "too large".into(), None))
+            } else {
+                Ok(())
+            }
+        }));
+        let l = lines(7, "a");
+        r.deliver(&l).await;
+        assert_eq!(r.sink.written(), l);
+        assert!(r.sink.bodies().iter().all(|b| b.lines().count() <= 2));
+        assert!(r.parked(Kind::RejectedBySink).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_refusal_is_parked_at_once_as_refused_by_sink() {
+        let r = rig(Scripted::with_rule(vec![], |_| {
+            Err(SinkError::from_status(401, "unauthorized".into(), None))
+        }));
+        r.deliver(&lines(4, "a")).await;
+        assert_eq!(r.sink.requests(), 1, "not retried");
+        let parked: Vec<u32> = r
+            .parked(Kind::RefusedBySink)
+            .into_iter()
+            .map(|(_, n)| n)
+            .collect();
+        assert_eq!(parked, [4]);
+        assert_eq!(r.metrics.sink_up.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn exhausted_retries_park_and_mark_the_sink_down_so_later_batches_park_without_a_write() {
+        let r = rig(Scripted::with_rule(vec![], |_| Err(fake::unreachable())));
+        r.deliver(&lines(3, "a")).await;
+        assert_eq!(r.sink.requests(), 3, "max_attempts");
+        assert!(r.deliverer.sink_down());
+        assert_eq!(r.metrics.sink_up.get(), 0);
+        r.deliver(&lines(2, "b")).await;
+        assert_eq!(r.sink.requests(), 3, "parked without a write while down");
+        let parked: Vec<u32> = r
+            .parked(Kind::RetriesExhausted)
+            .into_iter()
+            .map(|(_, n)| n)
+            .collect();
+        assert_eq!(parked, [3, 2]);
+        assert_eq!(r.metrics.readings_in_flight.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn redrive_writes_a_record_again_and_deletes_it_or_puts_it_back_while_down() {
+        let r = rig(Scripted::new(vec![
+            Err(fake::unreachable()),
+            Err(fake::unreachable()),
+            Err(fake::unreachable()),
+            // The first redrive: still down.
+            Err(fake::unreachable()),
+        ]));
+        let l = lines(3, "a");
+        r.deliver(&l).await;
+        let (id, readings) = r.parked(Kind::RetriesExhausted)[0].clone();
+        let down = r
+            .deliverer
+            .redrive(id.clone(), readings)
+            .await
+            .expect("redrive");
+        assert_eq!(down, Redrive::SinkDown);
+        // Parked again, as a record of its own.
+        let again = r.parked(Kind::RetriesExhausted);
+        assert_eq!(again.iter().map(|(_, n)| *n).collect::<Vec<_>>(), [3]);
+        let (id, readings) = again[0].clone();
+        let done = r.deliverer.redrive(id, readings).await.expect("redrive");
+        assert_eq!(done, Redrive::Done);
+        assert!(r.parked(Kind::RetriesExhausted).is_empty());
+        assert_eq!(r.sink.written(), l);
+        assert_eq!(r.metrics.dlq_redriven_readings.get(), 3);
+        assert!(!r.deliverer.sink_down());
+        assert_eq!(r.metrics.readings_in_flight.get(), 0);
     }
 }

@@ -93,7 +93,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<L
     };
     let self_metrics_sink = sink.clone();
     let deliverer = Arc::new(deliver::Deliverer::new(
-        sink,
+        Arc::new(sink),
         metrics.clone(),
         dead_letters.clone(),
         policy,

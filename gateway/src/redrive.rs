@@ -73,3 +73,46 @@ pub async fn run(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::deliver::tests::{lines, rig};
+    use crate::sink::fake::{self, Scripted};
+
+    /// The task alone: the sink is down for the first batches and the first probes, then
+    /// back; every parked record is written again, once, and the queue empties.
+    #[tokio::test(start_paused = true)]
+    async fn redrive_probes_until_the_sink_is_back_then_drains_oldest_first() {
+        let mut script: Vec<_> = (0..7).map(|_| Err(fake::unreachable())).collect();
+        script.push(Err(fake::unavailable(None)));
+        let r = rig(Scripted::new(script));
+        let (a, b) = (lines(3, "a"), lines(2, "b"));
+        r.deliver(&a).await;
+        r.deliver(&b).await;
+        assert_eq!(r.parked(Kind::RetriesExhausted).len(), 2);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run(
+            r.deliverer.clone(),
+            r.dlq.clone(),
+            RedriveConfig {
+                interval: Duration::from_millis(100),
+                max_interval: Duration::from_secs(1),
+                rate: 100,
+            },
+            stop.clone(),
+        ));
+        while !r.parked(Kind::RetriesExhausted).is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        stop.cancel();
+        task.await.expect("redrive");
+        // A failed probe parks its record again, behind the others: the order of records
+        // changes while the sink is down, never what is written.
+        let mut written = r.sink.written();
+        written.sort();
+        assert_eq!(written, [a, b].concat());
+        assert_eq!(r.metrics.dlq_redriven_readings.get(), 5);
+        assert_eq!(r.metrics.sink_up.get(), 1);
+    }
+}

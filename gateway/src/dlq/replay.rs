@@ -188,7 +188,7 @@ pub async fn replay(
     let s = &config.sink;
     // A replay never waits for room: what cannot be parked again stays where it is.
     let deliverer = Deliverer::new(
-        Sink::new(s)?,
+        Arc::new(Sink::new(s)?),
         metrics,
         shared.clone(),
         Policy::new(s, false, false),

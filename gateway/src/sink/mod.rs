@@ -3,9 +3,13 @@
 //! `v2` goes through the `influxdb2` crate's `write_line_protocol`; `v1` is a plain POST to
 //! `/write`. Both answer with a [`SinkError`] sorted by what the caller must do with the batch.
 
+#[cfg(test)]
+pub mod fake;
 mod v1;
 mod v2;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use crate::config::{SinkApi, SinkConfig};
@@ -98,6 +102,20 @@ impl Sink {
             Sink::V1(s) => s.write(body).await,
             Sink::V2(s) => s.write(body).await,
         }
+    }
+}
+
+/// Where delivery writes a body: the InfluxDB client ([`Sink`]), or in unit tests a scripted
+/// fake ([`fake::Scripted`]). Boxed so that delivery can hold either behind one pointer.
+pub trait Write: Send + Sync {
+    fn write(&self, body: bytes::Bytes) -> WriteFuture<'_>;
+}
+
+pub type WriteFuture<'a> = Pin<Box<dyn Future<Output = Result<(), SinkError>> + Send + 'a>>;
+
+impl Write for Sink {
+    fn write(&self, body: bytes::Bytes) -> WriteFuture<'_> {
+        Box::pin(Sink::write(self, body))
     }
 }
 
