@@ -1003,14 +1003,19 @@ mod tests {
         r.wait_acked(10).await;
         let records = r.metrics.wal_records.get();
         assert!(records > 0);
-        r.wal.lock_log().fail_next_deletes(1);
+        // Every delete fails until every record has been refused (the releases may come in
+        // more than one round).
+        r.wal.lock_log().fail_next_deletes(u64::MAX);
         assert_eq!(r.take(10, true).await, expected(0..10));
+        let refused = || r.wal.unreleased.lock().map_or(0, |u| u.len()) as i64;
         for _ in 0..200 {
-            if r.wal.lock_log().fail_next_deletes_left() == 0 {
+            if refused() == records {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        assert_eq!(refused(), records, "every release refused");
+        r.wal.lock_log().fail_next_deletes(0);
         assert_eq!(r.metrics.wal_records.get(), records, "still on disk");
         let used = r.wal.used.load(Ordering::Acquire);
         assert!(used > 0, "their room is not given back");

@@ -752,12 +752,6 @@ impl SegLog {
         self.failing_deletes = n;
     }
 
-    /// How many of those are still to fail.
-    #[cfg(test)]
-    pub fn fail_next_deletes_left(&self) -> u64 {
-        self.failing_deletes
-    }
-
     /// Bytes of all segment files, live or not (one entry per segment, cheap to sum).
     pub fn disk_bytes(&self) -> u64 {
         self.segments.values().map(|(_, len)| len).sum()
