@@ -8,7 +8,6 @@ use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::deliver::Deliverer;
 use crate::queue::{Chunk, QueueRx};
 
 #[derive(Debug, Clone)]
@@ -152,13 +151,16 @@ impl Batch {
 /// `cut` sends the batch being filled at once instead of after its linger: external mode
 /// rings it when its receive window is full, since nothing more arrives until acknowledgements
 /// go out, and those wait for this batch.
-pub async fn run(
+pub async fn run<D, F>(
     mut rx: QueueRx,
     limits: BatchLimits,
-    deliverer: Arc<Deliverer>,
+    deliver: D,
     drain: CancellationToken,
     cut: Arc<Notify>,
-) {
+) where
+    D: Fn(Batch) -> F + Clone + Send + 'static,
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
     let in_flight = Arc::new(Semaphore::new(limits.max_in_flight));
     let mut writes = JoinSet::new();
     let mut carry: Option<Chunk> = None;
@@ -209,9 +211,9 @@ pub async fn run(
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             break;
         };
-        let deliverer = deliverer.clone();
+        let deliver = deliver.clone();
         writes.spawn(async move {
-            deliverer.deliver(batch).await;
+            deliver(batch).await;
             drop(permit);
         });
         // Reap finished writes so the set does not grow.
@@ -245,10 +247,14 @@ mod tests {
         let r = rig(Scripted::new(vec![]));
         let (tx, rx) = crate::queue::bounded(1000, 1 << 20, r.metrics.clone());
         let drain = CancellationToken::new();
+        let deliverer = r.deliverer.clone();
         let task = tokio::spawn(run(
             rx,
             limits,
-            r.deliverer.clone(),
+            move |batch| {
+                let deliverer = deliverer.clone();
+                async move { deliverer.deliver(batch).await }
+            },
             drain.clone(),
             Arc::new(Notify::new()),
         ));

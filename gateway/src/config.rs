@@ -679,18 +679,6 @@ impl Config {
         }
     }
 
-    /// The write-ahead log's settings.
-    pub fn wal(&self) -> crate::wal::WalConfig {
-        let w = &self.wal;
-        crate::wal::WalConfig {
-            dir: w.dir.clone(),
-            max_bytes: w.max_bytes.as_u64(),
-            segment_bytes: w.segment_bytes.as_u64(),
-            commit_interval: w.commit_interval,
-            commit_bytes: w.commit_bytes.as_u64() as usize,
-        }
-    }
-
     /// The decoder's limits, from `[decode]`.
     pub fn limits(&self) -> decode::Limits {
         let d = &self.decode;

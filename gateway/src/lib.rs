@@ -27,6 +27,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod queue;
 pub mod redrive;
+pub mod replay;
 pub mod retry;
 pub mod seglog;
 pub mod selfmetrics;

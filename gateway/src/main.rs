@@ -166,7 +166,7 @@ fn main() -> ExitCode {
 }
 
 fn dlq_command(config: &Config, command: DlqCommand, json: bool) -> ExitCode {
-    use gateway::dlq::replay::{self, Selection};
+    use gateway::replay::{self, Selection};
     let selection = |ids: Vec<String>, all: bool| {
         if all {
             Selection::All

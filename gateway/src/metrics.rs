@@ -11,7 +11,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Reason {
@@ -80,7 +80,7 @@ pub struct Metrics {
     pub credentials_devices: Gauge,
     pub credentials_reloads: Family<Outcome, Counter>,
     /// Lag since the last self-metrics write (not exposed: `/metrics` has the histogram).
-    pub lag_window: crate::selfmetrics::LagWindow,
+    pub lag_window: LagWindow,
 }
 
 impl Metrics {
@@ -455,5 +455,80 @@ impl Ledger {
                 + self.in_log
                 + self.queued
                 + self.in_flight
+    }
+}
+
+/// End-to-end lag over the last self-metrics interval, in fixed buckets, for p50/p99 in the
+/// sink (the Prometheus histogram covers all time and cannot be read back).
+pub struct LagWindow {
+    counts: Vec<AtomicU64>,
+}
+
+/// Bucket upper bounds in seconds: 1 ms doubling to about 9 minutes.
+const LAG_BUCKETS: usize = 20;
+
+impl Default for LagWindow {
+    fn default() -> Self {
+        Self {
+            counts: (0..=LAG_BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+}
+
+impl LagWindow {
+    fn bound(i: usize) -> f64 {
+        0.001 * f64::from(1u32 << i)
+    }
+
+    pub fn observe(&self, seconds: f64) {
+        let i = (0..LAG_BUCKETS)
+            .find(|&i| seconds <= Self::bound(i))
+            .unwrap_or(LAG_BUCKETS);
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Upper bounds of the p50 and p99 buckets since the last call (0 when nothing happened).
+    pub fn take_quantiles(&self) -> (f64, f64) {
+        let counts: Vec<u64> = self
+            .counts
+            .iter()
+            .map(|c| c.swap(0, Ordering::Relaxed))
+            .collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return (0.0, 0.0);
+        }
+        let quantile = |q: f64| {
+            let rank = (q * total as f64).ceil() as u64;
+            let mut seen = 0;
+            for (i, c) in counts.iter().enumerate() {
+                seen += c;
+                if seen >= rank {
+                    return Self::bound(i.min(LAG_BUCKETS - 1));
+                }
+            }
+            Self::bound(LAG_BUCKETS - 1)
+        };
+        (quantile(0.5), quantile(0.99))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lag_quantiles_over_the_window() {
+        let w = LagWindow::default();
+        assert_eq!(w.take_quantiles(), (0.0, 0.0));
+        for _ in 0..98 {
+            w.observe(0.003);
+        }
+        w.observe(0.5);
+        w.observe(0.5);
+        let (p50, p99) = w.take_quantiles();
+        assert_eq!(p50, 0.004);
+        assert_eq!(p99, 0.512);
+        assert_eq!(w.take_quantiles(), (0.0, 0.0), "the window resets");
     }
 }

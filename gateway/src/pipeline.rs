@@ -167,7 +167,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<L
         batch::run(
             queue_rx,
             limits,
-            deliverer.clone(),
+            {
+                let deliverer = deliverer.clone();
+                move |batch| {
+                    let deliverer = deliverer.clone();
+                    async move { deliverer.deliver(batch).await }
+                }
+            },
             drain.clone(),
             cut_batch.clone(),
         ),
@@ -179,7 +185,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<L
     }
     let (safe, mut wal) = match ack {
         AckMode::Durable => {
-            let (wal, committer) = wal::Wal::open(config.wal(), queue_tx.clone(), metrics.clone())?;
+            let (wal, committer) = wal::Wal::open(
+                wal::WalConfig::from_config(&config),
+                queue_tx.clone(),
+                metrics.clone(),
+            )?;
             let stop_feeding = CancellationToken::new();
             let feeder = tasks.spawn(
                 "wal feeder",

@@ -63,6 +63,20 @@ pub struct WalConfig {
     pub commit_bytes: usize,
 }
 
+impl WalConfig {
+    /// The settings of `[wal]`.
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        let w = &config.wal;
+        Self {
+            dir: w.dir.clone(),
+            max_bytes: w.max_bytes.as_u64(),
+            segment_bytes: w.segment_bytes.as_u64(),
+            commit_interval: w.commit_interval,
+            commit_bytes: w.commit_bytes.as_u64() as usize,
+        }
+    }
+}
+
 /// Messages appended since the last commit.
 #[derive(Default)]
 struct Pending {

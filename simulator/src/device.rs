@@ -15,10 +15,10 @@ use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, Instant};
 
 use crate::config::Protocol;
-use crate::fleet::{Sent, Shared};
 use crate::generate::{Fate, Generator, Message};
 use crate::payload::{self, Encoding};
 use crate::profile::DevicePlan;
+use crate::shared::{Sent, Shared};
 
 /// Unacknowledged QoS 1 publishes allowed per connection. Enough to keep a connection busy
 /// without letting one device hide a stalled gateway behind a deep buffer.

@@ -13,6 +13,7 @@ pub mod payload;
 pub mod profile;
 pub mod progress;
 pub mod report;
+pub mod shared;
 pub mod sys;
 pub mod tracker;
 pub mod verify;

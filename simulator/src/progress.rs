@@ -11,7 +11,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::fleet::Counters;
+use crate::shared::Counters;
 
 const BAR_TICK: Duration = Duration::from_millis(250);
 const LOG_TICK: Duration = Duration::from_secs(10);

@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use serde::Serialize;
 use tokio::time::Instant;
 
-use crate::fleet::Sent;
 use crate::payload;
+use crate::shared::Sent;
 
 /// Timestamps per `device` tag, as the sink returned them.
 pub type Samples = BTreeMap<String, Vec<i64>>;

@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::config::SinkKind;
-use crate::fleet::{Counters, Sent};
+use crate::shared::{Counters, Sent};
 use crate::tracker::{Comparison, Samples, Tracker};
 
 /// Pending readings further apart than this are fetched in separate ranges.

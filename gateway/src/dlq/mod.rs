@@ -1,8 +1,7 @@
 //! Dead-letter queue: what could not be written, kept on disk for an operator to list, inspect,
 //! replay or purge (CONTRACT §3). Its files are a [`crate::seglog`]; [`shared`] is how the running
-//! gateway uses them; [`replay`] sends records back to the sink.
+//! gateway uses them; [`crate::replay`] holds the operator's commands on them.
 
-pub mod replay;
 pub mod shared;
 
 pub use crate::seglog::{

@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::{Dlq, DlqError, Entry, Kind, Meta, Options, SharedDlq};
 use crate::config::Config;
 use crate::decode::{Decoder, TopicPattern};
 use crate::deliver::{Deliverer, Policy, Replayed};
+use crate::dlq::{Dlq, DlqError, Entry, Kind, Meta, Options, SharedDlq};
 use crate::metrics::Metrics;
 use crate::sink::Sink;
 
@@ -38,7 +38,7 @@ pub enum CommandError {
 }
 
 fn options(config: &Config) -> Options {
-    super::options(&config.dlq)
+    crate::dlq::options(&config.dlq)
 }
 
 /// A record as `list` and `show` print it.
@@ -241,7 +241,7 @@ pub async fn replay(
 fn decode_again(decoder: &mut Decoder, meta: &Meta, payload: &[u8]) -> Result<Vec<u8>, String> {
     let topic = meta.topics.first().map_or("", String::as_str);
     let mut lines = Vec::new();
-    let now_ns = super::now_ms().saturating_mul(1_000_000);
+    let now_ns = crate::dlq::now_ms().saturating_mul(1_000_000);
     let outcome = decoder
         .decode(
             topic,
