@@ -14,7 +14,7 @@ pub enum Verdict {
     Accepted,
     /// Refused whole, for this reason (a `gateway_messages_rejected_total` reason). MQTT 5
     /// devices learn it from the PUBACK's reason code.
-    Refused(&'static str),
+    Refused(crate::events::Rejection),
 }
 
 /// Sends a message's acknowledgement.

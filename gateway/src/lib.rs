@@ -21,6 +21,7 @@ pub mod config;
 pub mod decode;
 pub mod deliver;
 pub mod dlq;
+pub mod events;
 pub mod ingest;
 pub mod line_protocol;
 pub mod metrics;

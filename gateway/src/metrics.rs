@@ -388,18 +388,6 @@ impl Metrics {
         Self { registry, ..m }
     }
 
-    /// Counts one rejection; `whole` when the entire message was refused.
-    pub fn reject(&self, reason: &'static str, whole: bool) {
-        self.readings_rejected
-            .get_or_create(&Reason { reason })
-            .inc();
-        if whole {
-            self.messages_rejected
-                .get_or_create(&Reason { reason })
-                .inc();
-        }
-    }
-
     /// Prometheus text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();

@@ -9,6 +9,7 @@ mod cbor;
 mod json;
 pub mod topic;
 
+use crate::events::Rejection;
 use std::ops::Range;
 
 use crate::line_protocol::{self, FieldValue};
@@ -90,41 +91,42 @@ pub enum DecodeError {
 
 impl DecodeError {
     /// The `reason` label of `gateway_readings_rejected_total`.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> Rejection {
         use DecodeError::*;
+        use Rejection as R;
         match self {
-            PayloadTooLarge { .. } => "payload_too_large",
-            EmptyPayload => "empty_payload",
-            UnsupportedContentType(_) => "unsupported_content_type",
-            BadTopic(_) => "bad_topic",
-            Truncated(_) => "truncated",
-            MalformedCbor(_) => "malformed_cbor",
-            MalformedJson(_) => "malformed_json",
-            TrailingBytes(_) => "trailing_bytes",
-            TooDeep(_) => "too_deep",
-            TooManyReadings { .. } => "too_many_readings",
-            NotAMap(_) => "not_a_map",
-            MissingFields => "missing_fields",
-            EmptyFields => "empty_fields",
-            BadFields(_) => "bad_fields",
-            BadTags(_) => "bad_tags",
-            TooManyFields { .. } => "too_many_fields",
-            UnknownKey(_) => "unknown_key",
-            BadKey(_) => "bad_key",
-            EmptyKey => "empty_key",
-            KeyTooLong { .. } => "key_too_long",
-            DuplicateKey(_) => "duplicate_key",
-            TextTooLong { .. } => "text_too_long",
-            ControlCharacter => "control_character",
-            UnencodableBackslash => "unencodable_backslash",
-            EmptyTagValue(_) => "empty_tag_value",
-            NestedValue(_) => "nested_value",
-            BadValue { .. } => "bad_value",
-            NonFinite(_) => "non_finite",
-            IntegerOutOfRange(_) => "integer_out_of_range",
-            BadTimestamp(_) => "bad_timestamp",
-            TimestampTooOld => "timestamp_too_old",
-            TimestampInFuture => "timestamp_in_future",
+            PayloadTooLarge { .. } => R::PayloadTooLarge,
+            EmptyPayload => R::EmptyPayload,
+            UnsupportedContentType(_) => R::UnsupportedContentType,
+            BadTopic(_) => R::BadTopic,
+            Truncated(_) => R::Truncated,
+            MalformedCbor(_) => R::MalformedCbor,
+            MalformedJson(_) => R::MalformedJson,
+            TrailingBytes(_) => R::TrailingBytes,
+            TooDeep(_) => R::TooDeep,
+            TooManyReadings { .. } => R::TooManyReadings,
+            NotAMap(_) => R::NotAMap,
+            MissingFields => R::MissingFields,
+            EmptyFields => R::EmptyFields,
+            BadFields(_) => R::BadFields,
+            BadTags(_) => R::BadTags,
+            TooManyFields { .. } => R::TooManyFields,
+            UnknownKey(_) => R::UnknownKey,
+            BadKey(_) => R::BadKey,
+            EmptyKey => R::EmptyKey,
+            KeyTooLong { .. } => R::KeyTooLong,
+            DuplicateKey(_) => R::DuplicateKey,
+            TextTooLong { .. } => R::TextTooLong,
+            ControlCharacter => R::ControlCharacter,
+            UnencodableBackslash => R::UnencodableBackslash,
+            EmptyTagValue(_) => R::EmptyTagValue,
+            NestedValue(_) => R::NestedValue,
+            BadValue { .. } => R::BadValue,
+            NonFinite(_) => R::NonFinite,
+            IntegerOutOfRange(_) => R::IntegerOutOfRange,
+            BadTimestamp(_) => R::BadTimestamp,
+            TimestampTooOld => R::TimestampTooOld,
+            TimestampInFuture => R::TimestampInFuture,
         }
     }
 }

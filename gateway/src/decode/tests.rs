@@ -43,8 +43,8 @@ fn map(entries: Vec<(&str, C)>) -> C {
 
 fn reasons(r: &Result<Outcome, DecodeError>) -> Vec<&'static str> {
     match r {
-        Ok(o) => o.rejected.iter().map(DecodeError::reason).collect(),
-        Err(e) => vec![e.reason()],
+        Ok(o) => o.rejected.iter().map(|e| e.reason().label()).collect(),
+        Err(e) => vec![e.reason().label()],
     }
 }
 

@@ -12,12 +12,12 @@ pub mod limit;
 pub mod rejects;
 pub mod tls;
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+pub use crate::events::LogBudget;
+use crate::events::{ReadingsRejected, Rejection};
 use tokio::sync::OwnedSemaphorePermit;
-use tracing::warn;
 
 use crate::ack::{Done, Verdict};
 use crate::decode::{DecodeError, Decoder, Limits, TopicPattern};
@@ -47,9 +47,6 @@ pub enum IngestError {
     #[error("mqtt.url {0:?} must look like mqtt://host:1883")]
     Url(String),
 }
-
-/// Rejections logged per second at most; the counters keep the full count.
-const LOG_BUDGET_PER_SEC: u32 = 20;
 
 /// What a message's acknowledgement waits for.
 pub enum Safe {
@@ -175,7 +172,10 @@ impl Intake {
                     };
                     return self.admit(chunk, done).await;
                 }
-                let reason = outcome.rejected.first().map_or("empty", |e| e.reason());
+                let reason = outcome
+                    .rejected
+                    .first()
+                    .map_or(Rejection::EmptyPayload, DecodeError::reason);
                 answer(done, Verdict::Refused(reason));
             }
             Err(e) => {
@@ -212,12 +212,12 @@ impl Intake {
             let admitted = self.lock(limiter).admit(device, chunk.readings);
             if !admitted {
                 self.refuse(
-                    "rate_limited",
+                    Rejection::RateLimited,
                     chunk.readings,
                     &chunk.topic,
                     "the device is over limits.device_rate",
                 );
-                answer(done, Verdict::Refused("rate_limited"));
+                answer(done, Verdict::Refused(Rejection::RateLimited));
                 return Ok(());
             }
         }
@@ -253,12 +253,12 @@ impl Intake {
             },
         };
         self.refuse(
-            "queue_full",
+            Rejection::QueueFull,
             readings,
             &topic,
             "no room (queue.when_full = \"drop_newest\")",
         );
-        answer(refused, Verdict::Refused("queue_full"));
+        answer(refused, Verdict::Refused(Rejection::QueueFull));
         Ok(())
     }
 
@@ -271,19 +271,15 @@ impl Intake {
     }
 
     /// Refuses a decoded message whole for a reason of admission, not of its content.
-    fn refuse(&self, reason: &'static str, readings: u32, topic: &str, why: &str) {
-        self.metrics
-            .readings_rejected
-            .get_or_create(&crate::metrics::Reason { reason })
-            .inc_by(u64::from(readings));
-        self.metrics
-            .messages_rejected
-            .get_or_create(&crate::metrics::Reason { reason })
-            .inc();
-        if self.log_budget.allow() {
-            let topic: String = topic.chars().take(128).collect();
-            warn!(reason, %topic, readings, "refused: {why}");
+    fn refuse(&self, reason: Rejection, readings: u32, topic: &str, why: &str) {
+        ReadingsRejected {
+            reason,
+            readings,
+            whole: true,
+            topic,
+            why,
         }
+        .emit(&self.metrics, &self.log_budget);
     }
 
     fn keep(
@@ -302,11 +298,14 @@ impl Intake {
     }
 
     fn rejected(&self, e: &DecodeError, topic: &str, whole: bool) {
-        self.metrics.reject(e.reason(), whole);
-        if self.log_budget.allow() {
-            let topic: String = topic.chars().take(128).collect();
-            warn!(reason = e.reason(), %topic, whole_message = whole, "rejected: {e}");
+        ReadingsRejected {
+            reason: e.reason(),
+            readings: 1,
+            whole,
+            topic,
+            why: &e.to_string(),
         }
+        .emit(&self.metrics, &self.log_budget);
     }
 }
 
@@ -341,31 +340,5 @@ fn take(done: &Mutex<Option<Done>>) -> Option<Done> {
 fn answer(done: Option<Done>, verdict: Verdict) {
     if let Some(done) = done {
         done(verdict);
-    }
-}
-
-/// At most LOG_BUDGET_PER_SEC events are logged a second; the counters keep the full count.
-#[derive(Default)]
-pub struct LogBudget {
-    second: AtomicU64,
-    used: AtomicU32,
-}
-
-impl LogBudget {
-    pub fn allow(&self) -> bool {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let previous = self.second.swap(now, Ordering::Relaxed);
-        if previous != now {
-            let suppressed = self.used.swap(0, Ordering::Relaxed);
-            if previous != 0 && suppressed > LOG_BUDGET_PER_SEC {
-                warn!(
-                    suppressed = suppressed - LOG_BUDGET_PER_SEC,
-                    "more events than logged; the counters have them all"
-                );
-            }
-        }
-        self.used.fetch_add(1, Ordering::Relaxed) < LOG_BUDGET_PER_SEC
     }
 }

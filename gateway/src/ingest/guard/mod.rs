@@ -29,6 +29,7 @@ mod session;
 mod upstream;
 mod writer;
 
+use crate::events::{self, ConnectionClosed, ConnectionRefused};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -41,7 +42,7 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::warn;
 
 use self::credentials::{Credentials, Verdict};
 use self::packet::{Connect, Frame, PacketError, Refusal, Reply, ServerLimits};
@@ -51,7 +52,7 @@ use super::limit::RateLimiter;
 use super::{IngestError, Intake, LogBudget};
 use crate::config::Config;
 use crate::decode::TopicPattern;
-use crate::metrics::{Metrics, Reason};
+use crate::metrics::Metrics;
 
 /// The CONNECT must arrive within this long of the TCP (and TLS) handshake.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -291,12 +292,12 @@ impl Guard {
             if let Some(rate) = &self.connection_rate {
                 let admitted = rate.lock().map(|mut r| r.admit("", 1)).unwrap_or(true);
                 if !admitted {
-                    self.refused("connection_rate", &peer, None);
+                    self.refused(events::Refusal::ConnectionRate, &peer, None);
                     continue;
                 }
             }
             let Ok(permit) = self.connections.clone().try_acquire_owned() else {
-                self.refused("too_many_connections", &peer, None);
+                self.refused(events::Refusal::TooManyConnections, &peer, None);
                 continue;
             };
             let guard = self.clone();
@@ -323,8 +324,10 @@ impl Guard {
         };
         let stream = match tokio::time::timeout(CONNECT_TIMEOUT, tls.accept(socket)).await {
             Ok(Ok(s)) => s,
-            Ok(Err(e)) => return self.refused("tls_handshake", &peer, Some(&e.to_string())),
-            Err(_) => return self.refused("tls_handshake", &peer, Some("timed out")),
+            Ok(Err(e)) => {
+                return self.refused(events::Refusal::TlsHandshake, &peer, Some(&e.to_string()))
+            }
+            Err(_) => return self.refused(events::Refusal::TlsHandshake, &peer, Some("timed out")),
         };
         let name = stream
             .get_ref()
@@ -335,7 +338,7 @@ impl Guard {
         let name = match name {
             None => None,
             Some(Ok(name)) => Some(name),
-            Some(Err(e)) => return self.refused("bad_certificate", &peer, Some(&e)),
+            Some(Err(e)) => return self.refused(events::Refusal::BadCertificate, &peer, Some(&e)),
         };
         self.serve(stream, peer, name).await
     }
@@ -351,7 +354,9 @@ impl Guard {
         };
         let connect = match Connect::parse(&buf[..frame.len], frame) {
             Ok(c) => c,
-            Err(e) => return self.refused("protocol_error", &peer, Some(&e.to_string())),
+            Err(e) => {
+                return self.refused(events::Refusal::ProtocolError, &peer, Some(&e.to_string()))
+            }
         };
         let level = connect.level;
         let identity = match self.authenticate(&connect, certified).await {
@@ -369,7 +374,7 @@ impl Guard {
         // allows that only for a clean session.
         let assigned = if connect.client_id.is_empty() {
             if level != 5 && !connect.clean_start() {
-                self.refused("empty_client_id", &peer, None);
+                self.refused(events::Refusal::EmptyClientId, &peer, None);
                 let _ = device
                     .write_all(&packet::connack_refusal(level, Refusal::IdentifierRejected))
                     .await;
@@ -407,7 +412,7 @@ impl Guard {
             match upstream::open(self.upstream(level == 5), &hello).await {
                 Ok(o) => Some(o),
                 Err(upstream::UpstreamError::Refused(_, connack)) => {
-                    self.refused("broker_refused", &peer, None);
+                    self.refused(events::Refusal::BrokerRefused, &peer, None);
                     let _ = device.write_all(&connack).await;
                     return;
                 }
@@ -477,21 +482,15 @@ impl Guard {
             _ = &mut writer => return,
         };
         if let Outcome::Violation(reason, detail) = &outcome {
-            self.metrics
-                .connections_closed
-                .get_or_create(&Reason { reason })
-                .inc();
-            if self.log_budget.allow() {
-                warn!(
-                    reason,
-                    device = identity.as_deref().unwrap_or(""),
-                    peer = %peer,
-                    detail = %detail,
-                    "device connection closed"
-                );
+            ConnectionClosed {
+                reason: *reason,
+                device: identity.as_deref().unwrap_or(""),
+                peer: &peer,
+                detail,
             }
+            .emit(&self.metrics, &self.log_budget);
             if session.v5() {
-                session.reply_now(Reply::disconnect(session::disconnect_code(reason)));
+                session.reply_now(Reply::disconnect(session::disconnect_code(*reason)));
             }
         }
         let broker_open = session.broker_open();
@@ -548,10 +547,10 @@ impl Guard {
         &self,
         connect: &Connect<'_>,
         certified: Option<String>,
-    ) -> Result<Option<String>, (&'static str, Refusal)> {
+    ) -> Result<Option<String>, (events::Refusal, Refusal)> {
         let identity = match (certified, connect.username) {
             (Some(name), Some(user)) if user != name => {
-                return Err(("certificate_mismatch", Refusal::NotAuthorized))
+                return Err((events::Refusal::CertificateMismatch, Refusal::NotAuthorized))
             }
             // The client certificate is the stronger proof; a password adds nothing to it.
             (Some(name), _) => Some(name),
@@ -559,21 +558,24 @@ impl Guard {
                 Some(c) => match c.verify(user, connect.password.unwrap_or(b"")).await {
                     Verdict::Accepted => Some(user.to_owned()),
                     Verdict::UnknownDevice => {
-                        return Err(("unknown_device", Refusal::BadCredentials))
+                        return Err((events::Refusal::UnknownDevice, Refusal::BadCredentials))
                     }
                     Verdict::WrongPassword => {
-                        return Err(("bad_password", Refusal::BadCredentials))
+                        return Err((events::Refusal::BadPassword, Refusal::BadCredentials))
                     }
                 },
                 None if self.anonymous => None,
-                None => return Err(("unknown_device", Refusal::BadCredentials)),
+                None => return Err((events::Refusal::UnknownDevice, Refusal::BadCredentials)),
             },
             (None, None) if self.anonymous => None,
-            (None, None) => return Err(("anonymous", Refusal::NotAuthorized)),
+            (None, None) => return Err((events::Refusal::Anonymous, Refusal::NotAuthorized)),
         };
         if let (Some(id), Some(topic)) = (&identity, connect.will_topic) {
             if self.bind_identity && !self.may_publish(id, topic) {
-                return Err(("will_identity_mismatch", Refusal::NotAuthorized));
+                return Err((
+                    events::Refusal::WillIdentityMismatch,
+                    Refusal::NotAuthorized,
+                ));
             }
         }
         Ok(identity)
@@ -587,14 +589,13 @@ impl Guard {
             .map_or(true, |(device, _)| device == identity)
     }
 
-    fn refused(&self, reason: &'static str, peer: &SocketAddr, detail: Option<&str>) {
-        self.metrics
-            .connections_refused
-            .get_or_create(&Reason { reason })
-            .inc();
-        if self.log_budget.allow() {
-            info!(reason, peer = %peer, detail = detail.unwrap_or(""), "device connection refused");
+    fn refused(&self, reason: events::Refusal, peer: &SocketAddr, detail: Option<&str>) {
+        ConnectionRefused {
+            reason,
+            peer,
+            detail,
         }
+        .emit(&self.metrics, &self.log_budget);
     }
 }
 
@@ -620,24 +621,24 @@ async fn read_frame<S: AsyncRead + Unpin>(
     device: &mut S,
     buf: &mut BytesMut,
     limit: usize,
-) -> Result<Frame, &'static str> {
+) -> Result<Frame, events::Refusal> {
     let read = async {
         loop {
             match packet::frame(buf, limit) {
                 Ok(Some(f)) => return Ok(f),
                 Ok(None) => {}
-                Err(PacketError::TooLarge { .. }) => return Err("packet_too_large"),
-                Err(PacketError::Malformed(_)) => return Err("protocol_error"),
+                Err(PacketError::TooLarge { .. }) => return Err(events::Refusal::PacketTooLarge),
+                Err(PacketError::Malformed(_)) => return Err(events::Refusal::ProtocolError),
             }
             match device.read_buf(buf).await {
-                Ok(0) | Err(_) => return Err("closed_before_connect"),
+                Ok(0) | Err(_) => return Err(events::Refusal::ClosedBeforeConnect),
                 Ok(_) => {}
             }
         }
     };
     tokio::time::timeout(CONNECT_TIMEOUT, read)
         .await
-        .unwrap_or(Err("connect_timeout"))
+        .unwrap_or(Err(events::Refusal::ConnectTimeout))
 }
 
 #[cfg(test)]
@@ -713,7 +714,7 @@ mod tests {
             buf.drain(..used);
             match verdict {
                 Some(Outcome::Violation(reason, _)) => {
-                    ended = Some(reason);
+                    ended = Some(reason.label());
                     break;
                 }
                 Some(_) => {

@@ -2,6 +2,7 @@
 //! is taken in (telemetry), answered by the guard (PINGREQ, a QoS 2 release of its own), or
 //! passed on to the broker, whose side this opens on first need (`upstream`).
 
+use crate::events::{Closing, ReadingsRejected, Rejection};
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -37,7 +38,7 @@ pub(super) enum Outcome {
     /// The device said DISCONNECT.
     Disconnected,
     /// The device broke a rule; the connection is closed.
-    Violation(&'static str, String),
+    Violation(Closing, String),
     /// Shutdown: no more reading from the device.
     Stopped,
 }
@@ -213,7 +214,7 @@ impl<'g> Session<'g> {
                     let now = Instant::now();
                     if self.silence_limit.is_some_and(|limit| now >= self.last_heard + limit) {
                         return Outcome::Violation(
-                            "keep_alive_timeout",
+                            Closing::KeepAliveTimeout,
                             format!("nothing heard for {:?}", now - self.last_heard),
                         );
                     }
@@ -288,7 +289,7 @@ impl<'g> Session<'g> {
                 if self.guard.log_budget.allow() {
                     warn!(error = %e, peer = %peer, "cannot open the device's broker side; closing it");
                 }
-                return Err(Outcome::Violation("broker_refused", e.to_string()));
+                return Err(Outcome::Violation(Closing::BrokerRefused, e.to_string()));
             }
         };
         self.opened(opened);
@@ -306,13 +307,13 @@ impl<'g> Session<'g> {
                 Err(e @ PacketError::TooLarge { .. }) => {
                     return (
                         at,
-                        Some(Outcome::Violation("packet_too_large", e.to_string())),
+                        Some(Outcome::Violation(Closing::PacketTooLarge, e.to_string())),
                     )
                 }
                 Err(e) => {
                     return (
                         at,
-                        Some(Outcome::Violation("protocol_error", e.to_string())),
+                        Some(Outcome::Violation(Closing::ProtocolError, e.to_string())),
                     )
                 }
             };
@@ -329,7 +330,7 @@ impl<'g> Session<'g> {
 
     /// One packet: taken in (telemetry), answered, or queued for the broker.
     async fn handle(&mut self, bytes: &[u8], frame: Frame) -> Result<(), Outcome> {
-        let malformed = |e: PacketError| Outcome::Violation("protocol_error", e.to_string());
+        let malformed = |e: PacketError| Outcome::Violation(Closing::ProtocolError, e.to_string());
         packet::sent_by_device(frame).map_err(malformed)?;
         match frame.kind {
             packet::PUBLISH => {
@@ -337,14 +338,14 @@ impl<'g> Session<'g> {
                 let name = self.topic_of(&publish)?;
                 if name.contains(['+', '#']) {
                     return Err(Outcome::Violation(
-                        "protocol_error",
+                        Closing::ProtocolError,
                         format!("publish to {name:?}"),
                     ));
                 }
                 if name.starts_with('$') {
                     // Reserved for the server (MQTT §4.7.2): refused, and never delivered to
                     // a subscriber whose filter starts with a wildcard.
-                    self.refuse(&publish, "dollar_topic");
+                    self.refuse(&publish, Rejection::DollarTopic);
                     return Ok(());
                 }
                 if !self.guard.intake.is_telemetry(&name) {
@@ -357,7 +358,7 @@ impl<'g> Session<'g> {
                     return Ok(());
                 }
                 if publish.utf8 && std::str::from_utf8(publish.payload).is_err() {
-                    self.refuse(&publish, "payload_format_invalid");
+                    self.refuse(&publish, Rejection::PayloadFormatInvalid);
                     return Ok(());
                 }
                 self.telemetry(bytes, frame, &publish, &name).await
@@ -395,7 +396,7 @@ impl<'g> Session<'g> {
                         .find(|f| !self.guard.pattern.filter_within(f, id))
                     {
                         return Err(Outcome::Violation(
-                            "subscribe_denied",
+                            Closing::SubscribeDenied,
                             format!("subscribed to {f:?}"),
                         ));
                     }
@@ -419,7 +420,7 @@ impl<'g> Session<'g> {
                 Ok(())
             }
             packet::CONNECT => Err(Outcome::Violation(
-                "protocol_error",
+                Closing::ProtocolError,
                 "a second CONNECT".to_owned(),
             )),
             // UNSUBSCRIBE: what a device leaves is its own affair.
@@ -435,7 +436,7 @@ impl<'g> Session<'g> {
         let Some(alias) = publish.alias else {
             if publish.name.is_empty() {
                 return Err(Outcome::Violation(
-                    "protocol_error",
+                    Closing::ProtocolError,
                     "publish without a topic".to_owned(),
                 ));
             }
@@ -443,7 +444,7 @@ impl<'g> Session<'g> {
         };
         if alias == 0 || alias > TOPIC_ALIAS_MAXIMUM {
             return Err(Outcome::Violation(
-                "topic_alias_invalid",
+                Closing::TopicAliasInvalid,
                 format!("topic alias {alias} (at most {TOPIC_ALIAS_MAXIMUM})"),
             ));
         }
@@ -453,7 +454,7 @@ impl<'g> Session<'g> {
         }
         self.aliases.get(&alias).cloned().ok_or_else(|| {
             Outcome::Violation(
-                "topic_alias_invalid",
+                Closing::TopicAliasInvalid,
                 format!("unknown topic alias {alias}"),
             )
         })
@@ -461,8 +462,15 @@ impl<'g> Session<'g> {
 
     /// A publish refused whole: counted; MQTT 5 says why in its acknowledgement, 3.1.1 has no
     /// way to and acknowledges it.
-    fn refuse(&mut self, publish: &packet::Publish<'_>, why: &'static str) {
-        self.guard.metrics.reject(why, true);
+    fn refuse(&mut self, publish: &packet::Publish<'_>, why: Rejection) {
+        ReadingsRejected {
+            reason: why,
+            readings: 1,
+            whole: true,
+            topic: publish.name,
+            why: "the message breaks a rule of MQTT",
+        }
+        .emit(&self.guard.metrics, &self.guard.log_budget);
         if let Some(id) = publish.packet_id {
             let kind = if publish.qos == 2 {
                 packet::PUBREC
@@ -488,8 +496,15 @@ impl<'g> Session<'g> {
         };
         if let Some(id) = self.identity {
             if self.guard.bind_identity && !self.guard.may_publish(id, name) {
-                self.guard.metrics.reject("identity_mismatch", true);
                 let detail = format!("published to {name:?}");
+                ReadingsRejected {
+                    reason: Rejection::IdentityMismatch,
+                    readings: 1,
+                    whole: true,
+                    topic: name,
+                    why: "published under another device's id",
+                }
+                .emit(&self.guard.metrics, &self.guard.log_budget);
                 // MQTT 5 can refuse the one message and keep the connection; 3.1.1 cannot
                 // say no to a publish, so the connection closes.
                 return match publish.packet_id {
@@ -497,7 +512,7 @@ impl<'g> Session<'g> {
                         self.reply_now(Reply::new(kind, pid, reason::NOT_AUTHORIZED, true));
                         Ok(())
                     }
-                    _ => Err(Outcome::Violation("identity_mismatch", detail)),
+                    _ => Err(Outcome::Violation(Closing::IdentityMismatch, detail)),
                 };
             }
         }
@@ -508,7 +523,7 @@ impl<'g> Session<'g> {
                 let f = packet::frame(&copy, usize::MAX).ok().flatten();
                 if let Some(f) = f {
                     let named = packet::with_topic(&copy, f, name)
-                        .map_err(|e| Outcome::Violation("protocol_error", e.to_string()))?;
+                        .map_err(|e| Outcome::Violation(Closing::ProtocolError, e.to_string()))?;
                     self.forward.extend_from_slice(&named);
                 }
             } else {
@@ -579,23 +594,25 @@ impl<'g> Session<'g> {
 }
 
 /// The MQTT 5 reason code for a message refused whole (§3.4.2.1).
-fn reason_code(why: &str) -> u8 {
+fn reason_code(why: Rejection) -> u8 {
     match why {
-        "rate_limited" | "queue_full" | "payload_too_large" => reason::QUOTA_EXCEEDED,
-        "bad_topic" | "dollar_topic" => reason::TOPIC_NAME_INVALID,
-        "identity_mismatch" => reason::NOT_AUTHORIZED,
+        Rejection::RateLimited | Rejection::QueueFull | Rejection::PayloadTooLarge => {
+            reason::QUOTA_EXCEEDED
+        }
+        Rejection::BadTopic | Rejection::DollarTopic => reason::TOPIC_NAME_INVALID,
+        Rejection::IdentityMismatch => reason::NOT_AUTHORIZED,
         _ => reason::PAYLOAD_FORMAT_INVALID,
     }
 }
 
 /// The MQTT 5 reason code of the DISCONNECT that ends a connection for `violation`.
-pub(super) fn disconnect_code(violation: &str) -> u8 {
+pub(super) fn disconnect_code(violation: Closing) -> u8 {
     match violation {
-        "packet_too_large" => reason::PACKET_TOO_LARGE,
-        "topic_alias_invalid" => reason::TOPIC_ALIAS_INVALID,
-        "keep_alive_timeout" => reason::KEEP_ALIVE_TIMEOUT,
-        "identity_mismatch" | "subscribe_denied" => reason::NOT_AUTHORIZED,
-        "broker_refused" => reason::UNSPECIFIED,
-        _ => reason::PROTOCOL_ERROR,
+        Closing::PacketTooLarge => reason::PACKET_TOO_LARGE,
+        Closing::TopicAliasInvalid => reason::TOPIC_ALIAS_INVALID,
+        Closing::KeepAliveTimeout => reason::KEEP_ALIVE_TIMEOUT,
+        Closing::IdentityMismatch | Closing::SubscribeDenied => reason::NOT_AUTHORIZED,
+        Closing::BrokerRefused => reason::UNSPECIFIED,
+        Closing::ProtocolError => reason::PROTOCOL_ERROR,
     }
 }
