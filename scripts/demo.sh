@@ -41,7 +41,7 @@ else
   echo "sink: $GATEWAY_SINK__URL (your own; the simulator will not verify it)" >&2
 fi
 
-# The demo lets any device connect (auth.anonymous), on loopback only; see the README's Security.
+# The demo lets any device connect (auth.anonymous), on loopback only; see docs/security.md.
 echo "gateway: anonymous devices allowed (demo only; production configs use auth.credentials_file)" >&2
 GATEWAY_MQTT__LISTEN="127.0.0.1:$MQTT_PORT" GATEWAY_MQTT__LISTEN_V5="127.0.0.1:$((MQTT_PORT + 1))" \
   GATEWAY_AUTH__ANONYMOUS="${GATEWAY_AUTH__ANONYMOUS:-true}" GATEWAY_ADMIN__LISTEN="$ADMIN" GATEWAY_DLQ__DIR="$work/dlq" GATEWAY_WAL__DIR="$work/wal" \

@@ -464,7 +464,7 @@ impl Config {
         );
         need(
             self.mqtt.listen != self.mqtt.listen_v5,
-            "mqtt.listen and mqtt.listen_v5 must differ: each MQTT version needs its own port"
+            "mqtt.listen and mqtt.listen_v5 must differ: the gateway listens on both"
                 .into(),
         );
         let d = &self.decode;

@@ -2,7 +2,8 @@
 //!
 //! The stages, in the order data flows through them:
 //!
-//! 1. [`ingest`]: MQTT messages from the embedded broker (rumqttd).
+//! 1. [`ingest`]: MQTT messages from devices through the guard (embedded mode), or from an
+//!    external broker.
 //! 2. [`decode`]: CBOR or JSON payload → readings → [`line_protocol`] lines, each bad reading
 //!    refused with a reason.
 //! 3. [`queue`]: bounded in readings and bytes; a full queue makes ingest wait.

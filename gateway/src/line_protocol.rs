@@ -1,4 +1,4 @@
-//! InfluxDB line protocol encoding (CONTRACT §2).
+//! InfluxDB line protocol encoding (docs/contract.md §2).
 //!
 //! Ours on purpose: the `influxdb2` crate's `DataPoint` neither escapes newlines nor backslashes
 //! and happily writes `NaN`. Everything here appends to one caller-owned buffer, so encoding a

@@ -1,4 +1,4 @@
-//! Self-metrics (CONTRACT §4 names) and the ledger they prove.
+//! Self-metrics (docs/contract.md §4 names) and the ledger they prove.
 //!
 //! Ledger ([`Ledger`]):
 //! `accepted + inherited = written + in the DLQ + expired + in the log + queued + in flight`.
@@ -227,7 +227,7 @@ impl Metrics {
         );
         r.register(
             "gateway_dlq_parked_readings",
-            "Readings parked in the dead-letter queue, by kind (rejected input: payloads)",
+            "Readings parked in the dead-letter queue, by kind (rejected input: the readings refused, 1 for a payload refused whole)",
             m.dlq_parked_readings.clone(),
         );
         r.register(

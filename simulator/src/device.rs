@@ -326,7 +326,7 @@ async fn drive(
         if handed.is_some_and(|h| finished >= h) {
             // Everything is out and answered: close the socket without an MQTT DISCONNECT.
             // rumqttd 0.20 treats DISCONNECT-then-close as two disconnections and the second can
-            // cut a device that is connecting at that moment (README, "Known issue"); a fleet
+            // cut a device that is connecting at that moment (docs/contract.md, "Known issue"); a fleet
             // reconnecting at once would hit it.
             break;
         }

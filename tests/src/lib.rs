@@ -784,7 +784,7 @@ pub async fn publish_v4_as(
     await_acks(&mut eventloop, client_id, total).await?;
     // Close the socket without an MQTT DISCONNECT: rumqttd 0.20 handles a DISCONNECT followed
     // by the socket closing as two disconnections, and the second one can cut whichever new
-    // device has just been given the freed connection id (see the README's known issues).
+    // device has just been given the freed connection id (docs/contract.md, known issue in the embedded broker).
     drop(publisher.await??);
     drop(eventloop);
     Ok(())
@@ -962,7 +962,7 @@ pub async fn publish_resilient(port: u16, client_id: &str, messages: Vec<Message
             Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acked += 1,
             Ok(Ok(_)) => {}
             // mosquitto drops messages for a shared subscription while none of its members
-            // is connected: give the gateways time to reconnect first (README, external mode).
+            // is connected: give the gateways time to reconnect first (docs/external-mode.md).
             Ok(Err(_)) => tokio::time::sleep(Duration::from_secs(3)).await,
             Err(_) => bail!("{client_id}: no progress for 30 s after {acked} acks"),
         }

@@ -594,7 +594,7 @@ fn payloads_validate_against_the_asyncapi_schema() {
     use simulator::payload::{encode, Encoding, Reading};
 
     let payload = schema("TelemetryPayload");
-    // CONTRACT §1's example.
+    // docs/contract.md §1's example.
     let contract: Value = serde_json::from_str(
         r#"{"ts": 1764126000123, "fields": {"temp": 21.5, "hum": 40, "door": false}, "tags": {"site": "north"}}"#,
     )

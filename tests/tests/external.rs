@@ -139,7 +139,7 @@ async fn a_replica_killed_mid_load_loses_nothing() {
 /// The gateways ride out a broker restart: reconnect, subscribe again, go on. (A restart
 /// *mid-load* loses what mosquitto 2.0.11 held for the group: its persistence does not bring
 /// shared subscriptions back, so messages for them are dropped until the members subscribe
-/// again; see the README. Brokers that keep shared subscriptions, such as EMQX, do not.)
+/// again; see docs/external-mode.md. Brokers that keep shared subscriptions, such as EMQX, do not.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_gateways_ride_out_a_broker_restart() {
     let mut mq = Mosquitto::start().await;
@@ -393,7 +393,7 @@ impl Peaks {
 /// mosquitto with `max_inflight_messages 0` sends a subscriber everything it has, whatever
 /// the receive maximum the subscriber asked for; the sink here takes 25,000 readings a
 /// second. The gateway must hold no more than its receive maximum, acknowledge as it writes,
-/// and keep its memory to the bound the README states.
+/// and keep its memory to the bound docs/external-mode.md states.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_broker_that_ignores_the_receive_maximum_cannot_grow_the_gateway() {
     use e2e::proxy::{Fault, FaultProxy};
@@ -423,7 +423,7 @@ async fn a_broker_that_ignores_the_receive_maximum_cannot_grow_the_gateway() {
         unacked <= 100.0,
         "{unacked} messages unacknowledged: more than the receive maximum"
     );
-    // The README's bound for these settings: the intake (33 × 2 × 256 KiB) and the batches
+    // docs/external-mode.md's bound for these settings: the intake (33 × 2 × 256 KiB) and the batches
     // being written (5 × 4 MiB) at most, the queue next to nothing (100 messages of 10
     // readings); 48 MiB leaves room for the allocator.
     assert!(grew < 48.0, "RSS grew by {grew:.1} MiB");

@@ -1,4 +1,4 @@
-//! Failures lose nothing (CONTRACT §3): outages and faults are redriven, bad points are
+//! Failures lose nothing (docs/contract.md §3): outages and faults are redriven, bad points are
 //! isolated, refusals are parked and replayed, and the ledger balances after every scenario.
 
 use std::collections::HashMap;

@@ -1,4 +1,4 @@
-//! Decode: MQTT payload → line protocol (CONTRACT §1 and §2).
+//! Decode: MQTT payload → line protocol (docs/contract.md §1 and §2).
 //!
 //! A payload is CBOR or JSON, one reading or an array of readings. Both formats drive the same
 //! [`ReadingBuilder`], which holds one reading in a reusable text arena, applies every rule, and

@@ -1,4 +1,4 @@
-//! Table tests for CONTRACT §1: every payload form, every timestamp form, every limit.
+//! Table tests for docs/contract.md §1: every payload form, every timestamp form, every limit.
 
 use super::*;
 use ciborium::value::Value as C;

@@ -30,7 +30,7 @@ pub enum PatternError {
     Segment(String),
 }
 
-/// The most bytes a device or measurement name may have (CONTRACT §1).
+/// The most bytes a device or measurement name may have (docs/contract.md §1).
 pub const MAX_NAME_LEN: usize = 64;
 
 impl TopicPattern {

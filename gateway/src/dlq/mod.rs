@@ -1,5 +1,5 @@
 //! Dead-letter queue: what could not be written, kept on disk for an operator to list, inspect,
-//! replay or purge (CONTRACT §3). Its files are a [`crate::seglog`]; [`shared`] is how the running
+//! replay or purge (docs/contract.md §3). Its files are a [`crate::seglog`]; [`shared`] is how the running
 //! gateway uses them; [`crate::replay`] holds the operator's commands on them.
 
 pub mod shared;

@@ -56,7 +56,7 @@ impl Kind {
     }
 }
 
-/// A record's metadata (CONTRACT §3); the data travels beside it.
+/// A record's metadata (docs/contract.md §3); the data travels beside it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Meta {
     pub kind: Kind,
@@ -73,7 +73,8 @@ pub struct Meta {
     /// Topics beyond the first [`MAX_TOPICS`].
     #[serde(default)]
     pub more_topics: u32,
-    /// Readings in `data` (for rejected input: 1 per payload, whose readings were unreadable).
+    /// Readings in `data`; for rejected input, the readings refused (1 for a payload refused
+    /// whole, whose readings could not be counted).
     pub readings: u32,
     /// The MQTT 5 content type a rejected payload came with, so a replay decodes it the same way.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -1,4 +1,4 @@
-//! Sink: batches of line protocol to InfluxDB over HTTP (CONTRACT §2, §3).
+//! Sink: batches of line protocol to InfluxDB over HTTP (docs/contract.md §2, §3).
 //!
 //! `v2` goes through the `influxdb2` crate's `write_line_protocol`; `v1` is a plain POST to
 //! `/write`. Both answer with a [`SinkError`] sorted by what the caller must do with the batch.
