@@ -13,6 +13,9 @@ use serde::{Deserialize, Deserializer};
 
 use crate::decode::{self, TimestampUnit, TopicPattern};
 
+/// The longest duration any setting takes: ten years.
+const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 /// The documented default configuration, printed by `gateway generate-config`.
 pub const DEFAULT_TOML: &str = include_str!("../../config/gateway.toml");
 
@@ -424,6 +427,26 @@ impl Config {
         Ok(config)
     }
 
+    /// Every duration setting with its key.
+    fn durations(&self) -> [(&'static str, Duration); 14] {
+        [
+            ("mqtt.keep_alive", self.mqtt.keep_alive),
+            ("mqtt.session_expiry", self.mqtt.session_expiry),
+            ("auth.reload_interval", self.auth.reload_interval),
+            ("decode.max_age", self.decode.max_age),
+            ("decode.max_future_skew", self.decode.max_future_skew),
+            ("wal.commit_interval", self.wal.commit_interval),
+            ("batch.linger", self.batch.linger),
+            ("sink.timeout", self.sink.timeout),
+            ("sink.retry_initial", self.sink.retry_initial),
+            ("sink.retry_max", self.sink.retry_max),
+            ("dlq.redrive_interval", self.dlq.redrive_interval),
+            ("dlq.retention", self.dlq.retention),
+            ("self_metrics.interval", self.self_metrics.interval),
+            ("shutdown.timeout", self.shutdown.timeout),
+        ]
+    }
+
     /// Every problem at once, each naming its key and what to do.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut errors = Vec::new();
@@ -464,8 +487,7 @@ impl Config {
         );
         need(
             self.mqtt.listen != self.mqtt.listen_v5,
-            "mqtt.listen and mqtt.listen_v5 must differ: the gateway listens on both"
-                .into(),
+            "mqtt.listen and mqtt.listen_v5 must differ: the gateway listens on both".into(),
         );
         let d = &self.decode;
         need(
@@ -643,6 +665,16 @@ impl Config {
             !self.auth.reload_interval.is_zero(),
             "auth.reload_interval must be more than 0 (for example \"5s\")".into(),
         );
+        // Durations are added to instants and multiplied; one that absurd would overflow.
+        for (key, value) in self.durations() {
+            need(
+                value <= MAX_DURATION,
+                format!(
+                    "{key} = {:?} is longer than the gateway takes (at most 10 years)",
+                    humantime::format_duration(value).to_string()
+                ),
+            );
+        }
         let m = &self.self_metrics;
         need(
             m.interval >= Duration::from_secs(1),
@@ -859,6 +891,28 @@ mod tests {
         );
         Config::from_toml("[auth]\ncredentials_file = \"devices\"\n")
             .expect("a credentials file is a way to authenticate");
+    }
+
+    /// A duration far beyond sense is an error naming its key, never a panic in instant
+    /// arithmetic later.
+    #[test]
+    fn absurd_durations_are_refused_with_their_key() {
+        let keys = Config::from_toml(ANONYMOUS).expect("defaults").durations();
+        for (key, _) in keys {
+            let (section, name) = key.split_once('.').expect("section.key");
+            let header = if section == "auth" {
+                String::new()
+            } else {
+                format!("[{section}]\n")
+            };
+            let err = Config::from_toml(&format!("{ANONYMOUS}{header}{name} = \"100000000y\"\n"))
+                .expect_err("refused")
+                .to_string();
+            assert!(
+                err.contains(&format!("{key} = ")) && err.contains("at most 10 years"),
+                "{key}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -62,6 +62,11 @@ async fn simulate(gw: &Gateway, vm: &VictoriaMetrics, args: &[&str]) -> Run {
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_else(|| panic!("no report; stdout:\n{stdout}\nstderr:\n{stderr}"));
+    // Output to a pipe or a file is plain text: no terminal colour codes.
+    assert!(
+        !stdout.contains('\x1b') && !stderr.contains('\x1b'),
+        "colour codes in the simulator's output:\n{stderr}"
+    );
     Run {
         code: out.status.code().unwrap_or(-1),
         report,

@@ -22,6 +22,18 @@ pub struct SharedDlq {
     undeleted: Mutex<std::collections::HashMap<String, u32>>,
 }
 
+/// Runs disk work on the blocking pool; a panic there is reported as one, not as I/O.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, DlqError> + Send + 'static,
+) -> Result<T, DlqError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| DlqError::Panicked {
+            what: "dead-letter queue",
+            detail: e.to_string(),
+        })?
+}
+
 impl SharedDlq {
     pub fn new(dlq: Dlq, metrics: Arc<Metrics>) -> Arc<Self> {
         let inherited = dlq.stats().accepted_readings;
@@ -50,12 +62,7 @@ impl SharedDlq {
         let this = self.clone();
         let kind = meta.kind;
         let readings = meta.readings;
-        let id = tokio::task::spawn_blocking(move || this.lock().append(&meta, &data))
-            .await
-            .map_err(|e| DlqError::Io {
-                path: "dlq".into(),
-                source: std::io::Error::other(e),
-            })??;
+        let id = blocking(move || this.lock().append(&meta, &data)).await?;
         self.metrics
             .dlq_parked_readings
             .get_or_create(&KindLabel {
@@ -68,24 +75,14 @@ impl SharedDlq {
 
     pub async fn delete(self: &Arc<Self>, ids: Vec<String>) -> Result<(), DlqError> {
         let this = self.clone();
-        tokio::task::spawn_blocking(move || this.lock().delete(&ids))
-            .await
-            .map_err(|e| DlqError::Io {
-                path: "dlq".into(),
-                source: std::io::Error::other(e),
-            })??;
+        blocking(move || this.lock().delete(&ids)).await?;
         self.refresh();
         Ok(())
     }
 
     pub async fn read(self: &Arc<Self>, id: String) -> Result<(Meta, Vec<u8>), DlqError> {
         let this = self.clone();
-        tokio::task::spawn_blocking(move || this.lock().read(&id))
-            .await
-            .map_err(|e| DlqError::Io {
-                path: "dlq".into(),
-                source: std::io::Error::other(e),
-            })?
+        blocking(move || this.lock().read(&id)).await
     }
 
     /// Ids of the oldest records of `kind` that nothing has claimed, at most `limit`.
@@ -239,6 +236,19 @@ mod tests {
 
     fn meta(readings: u32) -> Meta {
         crate::seglog::log::tests::meta(Kind::RetriesExhausted, readings)
+    }
+
+    #[tokio::test]
+    async fn a_panic_in_disk_work_is_reported_as_a_panic_not_as_io() {
+        let err = blocking::<()>(|| panic!("a bug"))
+            .await
+            .expect_err("panicked");
+        assert!(matches!(err, DlqError::Panicked { .. }), "{err:?}");
+        assert!(
+            err.to_string()
+                .starts_with("the task working on the dead-letter queue panicked"),
+            "{err}"
+        );
     }
 
     /// A redriven record whose delete the disk refuses is drained all the same: never handed

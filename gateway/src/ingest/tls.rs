@@ -13,21 +13,22 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use super::IngestError;
 use crate::config::MqttConfig;
 
-/// Debian's bundle of the system's trusted roots.
-const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
-
 pub fn client_config(mqtt: &MqttConfig) -> Result<rustls::ClientConfig, IngestError> {
-    let ca = if mqtt.ca_file.as_os_str().is_empty() {
-        Path::new(SYSTEM_ROOTS)
-    } else {
-        &mqtt.ca_file
-    };
     let mut roots = rustls::RootCertStore::empty();
-    let (added, _) = roots.add_parsable_certificates(certificates("mqtt.ca_file", ca)?);
+    let (ca, certs) = if mqtt.ca_file.as_os_str().is_empty() {
+        // The platform's trusted roots, wherever it keeps them; unreadable ones are skipped.
+        let found = rustls_native_certs::load_native_certs();
+        ("the system's trusted roots".to_owned(), found.certs)
+    } else {
+        (
+            mqtt.ca_file.display().to_string(),
+            certificates("mqtt.ca_file", &mqtt.ca_file)?,
+        )
+    };
+    let (added, _) = roots.add_parsable_certificates(certs);
     if added == 0 {
         return Err(IngestError::Tls(format!(
-            "mqtt.ca_file: no usable certificate in {}",
-            ca.display()
+            "mqtt.ca_file: no usable certificate in {ca} (set mqtt.ca_file to the broker's CA)"
         )));
     }
     // The ring provider, given explicitly: nothing is installed process-wide.

@@ -110,6 +110,10 @@ pub enum LogError {
         path: String,
         source: std::io::Error,
     },
+    /// The task doing the disk work panicked (a bug, not the disk): its message is in the
+    /// log; the operation did not complete.
+    #[error("the task working on the {what} panicked: {detail}")]
+    Panicked { what: &'static str, detail: String },
 }
 
 /// Unix milliseconds now.
