@@ -21,7 +21,7 @@ pub enum Verdict {
 pub type Done = Box<dyn FnOnce(Verdict) + Send>;
 
 /// Fires once, when every reading it stands for is settled.
-pub type Settled = Box<dyn FnOnce() + Send>;
+pub type WhenSettled = Box<dyn FnOnce() + Send>;
 
 /// A message's acknowledgement, shared by the pieces its readings travel in.
 #[derive(Clone)]
@@ -29,7 +29,7 @@ pub struct Ack(Arc<Inner>);
 
 struct Inner {
     remaining: AtomicU32,
-    done: Mutex<Option<Settled>>,
+    done: Mutex<Option<WhenSettled>>,
 }
 
 impl std::fmt::Debug for Ack {

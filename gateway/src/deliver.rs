@@ -23,7 +23,7 @@ use tracing::{error, info, warn};
 
 use crate::batch::Batch;
 use crate::dlq::{self, DlqError, Kind, Meta, SharedDlq};
-use crate::metrics::{Metrics, Outcome};
+use crate::metrics::{Metrics, OutcomeLabel};
 use crate::retry::Backoff;
 use crate::sink::{SinkError, Write};
 
@@ -40,23 +40,44 @@ pub struct Policy {
     pub backoff: Backoff,
     pub max_attempts: u32,
     pub gzip: bool,
-    /// When the DLQ cannot take a record: hold it and keep trying (the running gateway: push
-    /// back), or give up on it at once (a replay: the record stays where it was).
-    pub hold_when_full: bool,
-    /// While the sink is down, park live batches without a write and leave probing to the
-    /// redrive task. Off when redrive is off: then live batches are the only probes.
-    pub park_while_down: bool,
-    /// Retry a live batch for as long as the sink stays unreachable instead of parking it
-    /// (external mode: the broker keeps the unacknowledged messages, acknowledgements stop
-    /// and the broker holds the rest). Shutdown still parks what is left.
-    pub retry_forever: bool,
+    pub when_dlq_full: WhenDlqFull,
+    pub while_sink_down: WhileSinkDown,
+    pub live_retries: LiveRetries,
+}
+
+/// What happens to lines the dead-letter queue cannot take (full, or the disk fails).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenDlqFull {
+    /// Hold them and keep trying: the running gateway pushes back.
+    Hold,
+    /// Give up on them at once: a replay leaves the record where it was.
+    GiveUp,
+}
+
+/// What live batches do while the sink is down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhileSinkDown {
+    /// Park without a write and leave probing to the redrive task.
+    Park,
+    /// Write as usual: with redrive off, live batches are the only probes.
+    Write,
+}
+
+/// How long a live batch is retried while the sink is unreachable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LiveRetries {
+    /// `sink.max_attempts`, then it is parked.
+    MaxAttempts,
+    /// For as long as it takes (external mode: the broker keeps the unacknowledged messages
+    /// and holds the rest). Shutdown still stops the retries.
+    Forever,
 }
 
 impl Policy {
     pub fn new(
         sink: &crate::config::SinkConfig,
-        hold_when_full: bool,
-        park_while_down: bool,
+        when_dlq_full: WhenDlqFull,
+        while_sink_down: WhileSinkDown,
     ) -> Self {
         Self {
             backoff: Backoff {
@@ -65,9 +86,9 @@ impl Policy {
             },
             max_attempts: sink.max_attempts,
             gzip: sink.gzip,
-            hold_when_full,
-            park_while_down,
-            retry_forever: false,
+            when_dlq_full,
+            while_sink_down,
+            live_retries: LiveRetries::MaxAttempts,
         }
     }
 }
@@ -85,7 +106,7 @@ pub struct Deliverer {
 
 /// Where the lines of one batch ended up.
 #[derive(Debug, Default, Clone, Copy)]
-struct Settled {
+struct Placed {
     /// The sink turned out to be unreachable.
     down: bool,
     written: u32,
@@ -96,7 +117,7 @@ struct Settled {
 }
 
 /// What parking did with a batch.
-enum ParkOutcome {
+enum Parked {
     Stored,
     /// While waiting for room, the sink took the batch after all.
     Written,
@@ -164,7 +185,7 @@ impl Deliverer {
         self.metrics
             .batch_readings
             .observe(f64::from(batch.readings));
-        self.settle(batch, self.policy.max_attempts, true, None)
+        self.place(batch, self.policy.max_attempts, true, None)
             .await;
     }
 
@@ -184,24 +205,24 @@ impl Deliverer {
             }
         };
         let topic: Arc<str> = meta.topics.first().map_or("", String::as_str).into();
-        let settled = self
-            .settle(Batch::from_lines(data, topic), 1, false, Some(&meta))
+        let placed = self
+            .place(Batch::from_lines(data, topic), 1, false, Some(&meta))
             .await;
         self.metrics
             .dlq_redriven_readings
-            .inc_by(u64::from(settled.written));
-        if settled.abandoned > 0 {
+            .inc_by(u64::from(placed.written));
+        if placed.abandoned > 0 {
             // Only at shutdown: keep the record (parts of it may be written or parked twice,
             // which the sink's deduplication absorbs) rather than lose the rest.
             self.metrics
                 .readings_in_flight
-                .dec_by(i64::from(settled.abandoned));
+                .dec_by(i64::from(placed.abandoned));
             self.dlq.end_redrive(&id, readings);
             warn!(%id, "redrive interrupted; the record stays in the dead-letter queue");
             return Ok(Redrive::SinkDown);
         }
         self.dlq.drained(id, readings).await;
-        Ok(if settled.down {
+        Ok(if placed.down {
             Redrive::SinkDown
         } else {
             Redrive::Done
@@ -230,21 +251,21 @@ impl Deliverer {
                     SinkError::Rejected { .. } | SinkError::TooLarge { .. }
                 ) && readings > 1 =>
             {
-                let settled = self
-                    .settle(batch, self.policy.max_attempts, false, Some(meta))
+                let placed = self
+                    .place(batch, self.policy.max_attempts, false, Some(meta))
                     .await;
-                if settled.abandoned > 0 {
+                if placed.abandoned > 0 {
                     self.metrics
                         .readings_in_flight
-                        .dec_by(i64::from(settled.abandoned));
+                        .dec_by(i64::from(placed.abandoned));
                     return Replayed::Left(format!(
                         "{} readings could be neither written nor parked again (is the dead-letter queue full?)",
-                        settled.abandoned
+                        placed.abandoned
                     ));
                 }
                 Replayed::Split {
-                    written: settled.written,
-                    parked: settled.parked,
+                    written: placed.written,
+                    parked: placed.parked,
                 }
             }
             Err(f) => {
@@ -256,25 +277,25 @@ impl Deliverer {
 
     /// Writes, splits and parks until every line of `batch` is written or parked (or, when
     /// parking is not possible, abandoned and still in flight).
-    async fn settle(
+    async fn place(
         &self,
         batch: Batch,
         attempts: u32,
         live: bool,
         previous: Option<&Meta>,
-    ) -> Settled {
+    ) -> Placed {
         let mut pending = vec![batch];
-        let mut settled = Settled::default();
+        let mut placed = Placed::default();
         while let Some(batch) = pending.pop() {
-            let (kind, status, reason, attempts_made, first_failure_ms) = if settled.down
-                || (live && self.policy.park_while_down && self.sink_down())
+            let (kind, status, reason, attempts_made, first_failure_ms) = if placed.down
+                || (live && self.policy.while_sink_down == WhileSinkDown::Park && self.sink_down())
             {
                 // Probing is the redrive task's job: do not spend a timeout per batch.
                 let reason =
                     "sink unreachable; parked without a write while it is down".to_string();
                 (Kind::RetriesExhausted, None, reason, 0, dlq::now_ms())
             } else {
-                let attempts = if live && self.policy.retry_forever {
+                let attempts = if live && self.policy.live_retries == LiveRetries::Forever {
                     u32::MAX
                 } else {
                     attempts
@@ -282,7 +303,7 @@ impl Deliverer {
                 let f = match self.write_with_retries(&batch, attempts).await {
                     Ok(()) => {
                         self.written(&batch, live);
-                        settled.written += batch.readings;
+                        placed.written += batch.readings;
                         continue;
                     }
                     Err(f) => f,
@@ -319,7 +340,7 @@ impl Deliverer {
                     }
                     SinkError::Retryable { status, detail, .. } => {
                         self.mark_down(&detail);
-                        settled.down = true;
+                        placed.down = true;
                         let reason = match status {
                             Some(s) => format!("{s}: {detail}"),
                             None => detail,
@@ -342,12 +363,12 @@ impl Deliverer {
                 )
                 .await
             {
-                ParkOutcome::Stored => settled.parked += readings,
-                ParkOutcome::Written => settled.written += readings,
-                ParkOutcome::Abandoned => settled.abandoned += readings,
+                Parked::Stored => placed.parked += readings,
+                Parked::Written => placed.written += readings,
+                Parked::Abandoned => placed.abandoned += readings,
             }
         }
-        settled
+        placed
     }
 
     async fn write_with_retries(&self, batch: &Batch, max_attempts: u32) -> Result<(), Failure> {
@@ -370,7 +391,7 @@ impl Deliverer {
             };
             self.metrics
                 .sink_requests
-                .get_or_create(&Outcome { outcome })
+                .get_or_create(&OutcomeLabel { outcome })
                 .inc();
             let error = match result {
                 Ok(()) => {
@@ -424,7 +445,7 @@ impl Deliverer {
         attempts: u32,
         first_failure_ms: i64,
         previous: Option<&Meta>,
-    ) -> ParkOutcome {
+    ) -> Parked {
         // A record written again keeps the topics it was parked with (lines do not carry them).
         let (topics, more_topics) = match previous {
             Some(m) => (m.topics.clone(), m.more_topics),
@@ -460,11 +481,11 @@ impl Deliverer {
                     for origin in &batch.origins {
                         origin.settle();
                     }
-                    return ParkOutcome::Stored;
+                    return Parked::Stored;
                 }
-                Err(e) if !self.policy.hold_when_full => {
+                Err(e) if self.policy.when_dlq_full == WhenDlqFull::GiveUp => {
                     error!(error = %e, readings = batch.readings, "cannot park these lines again");
-                    return ParkOutcome::Abandoned;
+                    return Parked::Abandoned;
                 }
                 Err(e) => {
                     if held_since.is_none() {
@@ -474,7 +495,7 @@ impl Deliverer {
                     let since = *held_since.get_or_insert_with(Instant::now);
                     if !self.retrying() {
                         error!(readings = batch.readings, held_for = ?since.elapsed(), "shutting down with a batch neither written nor parked");
-                        return ParkOutcome::Abandoned;
+                        return Parked::Abandoned;
                     }
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     // The sink may be back: a write frees the batch as well as room would.
@@ -484,7 +505,7 @@ impl Deliverer {
                         self.mark_up();
                         self.metrics.dlq_full.set(0);
                         self.written(&batch, previous.is_none());
-                        return ParkOutcome::Written;
+                        return Parked::Written;
                     }
                 }
             }
@@ -582,9 +603,9 @@ pub(crate) mod tests {
             },
             max_attempts: 3,
             gzip: false,
-            hold_when_full: false,
-            park_while_down: true,
-            retry_forever: false,
+            when_dlq_full: WhenDlqFull::GiveUp,
+            while_sink_down: WhileSinkDown::Park,
+            live_retries: LiveRetries::MaxAttempts,
         };
         let sink = Arc::new(sink);
         Rig {
@@ -623,7 +644,7 @@ pub(crate) mod tests {
         fn requests(&self, outcome: &'static str) -> u64 {
             self.metrics
                 .sink_requests
-                .get_or_create(&Outcome { outcome })
+                .get_or_create(&OutcomeLabel { outcome })
                 .get()
         }
     }

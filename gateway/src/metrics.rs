@@ -19,7 +19,7 @@ pub struct Reason {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct Outcome {
+pub struct OutcomeLabel {
     pub outcome: &'static str,
 }
 
@@ -52,7 +52,7 @@ pub struct Metrics {
     pub dlq_full: Gauge,
     pub dlq_expired_readings: Counter,
     pub dlq_rejected_input_skipped: Counter,
-    pub sink_requests: Family<Outcome, Counter>,
+    pub sink_requests: Family<OutcomeLabel, Counter>,
     pub sink_retries: Counter,
     pub sink_request_duration: Histogram,
     pub sink_up: Gauge,
@@ -78,7 +78,7 @@ pub struct Metrics {
     pub connections_refused: Family<Reason, Counter>,
     pub connections_closed: Family<Reason, Counter>,
     pub credentials_devices: Gauge,
-    pub credentials_reloads: Family<Outcome, Counter>,
+    pub credentials_reloads: Family<OutcomeLabel, Counter>,
     /// Lag since the last self-metrics write (not exposed: `/metrics` has the histogram).
     pub lag_window: LagWindow,
 }

@@ -88,8 +88,20 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<L
     let dead_letters = open_dlq(&config, metrics.clone())?;
     let policy = deliver::Policy {
         // External mode: the broker is the buffer while the sink is down.
-        retry_forever: external,
-        ..deliver::Policy::new(s, true, config.dlq.redrive && !external)
+        live_retries: if external {
+            deliver::LiveRetries::Forever
+        } else {
+            deliver::LiveRetries::MaxAttempts
+        },
+        ..deliver::Policy::new(
+            s,
+            deliver::WhenDlqFull::Hold,
+            if config.dlq.redrive && !external {
+                deliver::WhileSinkDown::Park
+            } else {
+                deliver::WhileSinkDown::Write
+            },
+        )
     };
     let self_metrics_sink = sink.clone();
     let deliverer = Arc::new(deliver::Deliverer::new(

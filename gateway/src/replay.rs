@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::decode::{Decoder, TopicPattern};
-use crate::deliver::{Deliverer, Policy, Replayed};
+use crate::deliver::{Deliverer, Policy, Replayed, WhenDlqFull, WhileSinkDown};
 use crate::dlq::{Dlq, DlqError, Entry, Kind, Meta, Options, SharedDlq};
 use crate::metrics::Metrics;
 use crate::sink::Sink;
@@ -191,7 +191,7 @@ pub async fn replay(
         Arc::new(Sink::new(s)?),
         metrics,
         shared.clone(),
-        Policy::new(s, false, false),
+        Policy::new(s, WhenDlqFull::GiveUp, WhileSinkDown::Write),
     );
     let mut decoder = Decoder::new(config.limits(), TopicPattern::parse(&config.mqtt.topic)?);
     let pace = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));

@@ -9,7 +9,8 @@
 use ciborium_ll::{simple, Header};
 
 use super::{
-    settle, DecodeError, Number, Outcome, RawTs, ReadingBuilder, Span, Target, Val, MAX_DEPTH,
+    finish_reading, DecodeError, Decoded, Number, RawTs, ReadingBuilder, Span, Target, Val,
+    MAX_DEPTH,
 };
 
 /// CBOR headers and definite-length strings, read in place from the payload.
@@ -149,7 +150,7 @@ pub(crate) fn decode(
     target: &Target<'_>,
     builder: &mut ReadingBuilder,
     out: &mut Vec<u8>,
-    outcome: &mut Outcome,
+    outcome: &mut Decoded,
 ) -> Result<(), DecodeError> {
     let mut dec = Reader::new(payload);
     let mut w = Walker {
@@ -165,7 +166,7 @@ pub(crate) fn decode(
     match header {
         Header::Map(len) => {
             w.reading(len)?;
-            settle(w.builder, target, out, outcome);
+            finish_reading(w.builder, target, out, outcome);
         }
         Header::Array(len) => {
             let max = target.limits.max_readings_per_payload;
@@ -182,7 +183,7 @@ pub(crate) fn decode(
                 match w.pull()? {
                     Header::Map(len) => {
                         w.reading(len)?;
-                        settle(w.builder, target, out, outcome);
+                        finish_reading(w.builder, target, out, outcome);
                     }
                     other => {
                         w.skip_after(other, 1)?;

@@ -2,14 +2,14 @@
 
 use serde_json::Value;
 
-use super::{settle, DecodeError, Number, Outcome, RawTs, ReadingBuilder, Target, Val};
+use super::{finish_reading, DecodeError, Decoded, Number, RawTs, ReadingBuilder, Target, Val};
 
 pub(crate) fn decode(
     payload: &[u8],
     target: &Target<'_>,
     builder: &mut ReadingBuilder,
     out: &mut Vec<u8>,
-    outcome: &mut Outcome,
+    outcome: &mut Decoded,
 ) -> Result<(), DecodeError> {
     let value: Value = serde_json::from_slice(payload).map_err(|e| {
         if e.is_eof() {
@@ -41,7 +41,7 @@ fn reading(
     target: &Target<'_>,
     b: &mut ReadingBuilder,
     out: &mut Vec<u8>,
-    outcome: &mut Outcome,
+    outcome: &mut Decoded,
 ) {
     let Value::Object(map) = value else {
         outcome.rejected.push(DecodeError::NotAMap(kind(value)));
@@ -120,7 +120,7 @@ fn reading(
             other => b.fail(DecodeError::UnknownKey(other.chars().take(64).collect())),
         }
     }
-    settle(b, target, out, outcome);
+    finish_reading(b, target, out, outcome);
 }
 
 fn number(n: &serde_json::Number) -> Number {

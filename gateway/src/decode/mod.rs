@@ -189,7 +189,7 @@ pub const MAX_DEPTH: usize = 32;
 
 /// What one payload turned into. The lines themselves went into the caller's buffer.
 #[derive(Debug, Default)]
-pub struct Outcome {
+pub struct Decoded {
     pub accepted: u32,
     pub rejected: Vec<DecodeError>,
 }
@@ -253,7 +253,7 @@ impl Decoder {
         content_type: Option<&str>,
         now_ns: i64,
         out: &mut Vec<u8>,
-    ) -> Result<Outcome, DecodeError> {
+    ) -> Result<Decoded, DecodeError> {
         let (device, measurement) = self.pattern.match_topic(topic)?;
         if payload.len() > self.limits.max_payload_bytes {
             return Err(DecodeError::PayloadTooLarge {
@@ -271,7 +271,7 @@ impl Decoder {
             limits: &self.limits,
         };
         let start = out.len();
-        let mut outcome = Outcome::default();
+        let mut outcome = Decoded::default();
         let result = match format_of(payload, content_type)? {
             Format::Cbor => cbor::decode(payload, &target, &mut self.builder, out, &mut outcome),
             Format::Json => json::decode(payload, &target, &mut self.builder, out, &mut outcome),
@@ -630,11 +630,11 @@ pub(crate) enum Number {
 }
 
 /// Records the outcome of one reading.
-pub(crate) fn settle(
+pub(crate) fn finish_reading(
     builder: &mut ReadingBuilder,
     target: &Target<'_>,
     out: &mut Vec<u8>,
-    outcome: &mut Outcome,
+    outcome: &mut Decoded,
 ) {
     let start = out.len();
     match builder.finish(target, out) {

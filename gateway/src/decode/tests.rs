@@ -12,17 +12,17 @@ fn decoder(limits: Limits) -> Decoder {
     )
 }
 
-fn run(payload: &[u8], limits: Limits) -> (Result<Outcome, DecodeError>, String) {
+fn run(payload: &[u8], limits: Limits) -> (Result<Decoded, DecodeError>, String) {
     let mut out = Vec::new();
     let r = decoder(limits).decode("telemetry/dev-1/env", payload, None, NOW, &mut out);
     (r, String::from_utf8(out).expect("utf-8"))
 }
 
-fn json(payload: &str) -> (Result<Outcome, DecodeError>, String) {
+fn json(payload: &str) -> (Result<Decoded, DecodeError>, String) {
     run(payload.as_bytes(), Limits::default())
 }
 
-fn cbor(value: C) -> (Result<Outcome, DecodeError>, String) {
+fn cbor(value: C) -> (Result<Decoded, DecodeError>, String) {
     run(&to_cbor(&value), Limits::default())
 }
 
@@ -41,7 +41,7 @@ fn map(entries: Vec<(&str, C)>) -> C {
     )
 }
 
-fn reasons(r: &Result<Outcome, DecodeError>) -> Vec<&'static str> {
+fn reasons(r: &Result<Decoded, DecodeError>) -> Vec<&'static str> {
     match r {
         Ok(o) => o.rejected.iter().map(|e| e.reason().label()).collect(),
         Err(e) => vec![e.reason().label()],

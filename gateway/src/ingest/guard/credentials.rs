@@ -162,7 +162,7 @@ impl Credentials {
                     metrics.credentials_devices.set(n as i64);
                     metrics
                         .credentials_reloads
-                        .get_or_create(&crate::metrics::Outcome { outcome: "ok" })
+                        .get_or_create(&crate::metrics::OutcomeLabel { outcome: "ok" })
                         .inc();
                     info!(devices = n, file = %self.path.display(), "device credentials reloaded");
                 }
@@ -170,7 +170,7 @@ impl Credentials {
                 Err(e) => {
                     metrics
                         .credentials_reloads
-                        .get_or_create(&crate::metrics::Outcome { outcome: "error" })
+                        .get_or_create(&crate::metrics::OutcomeLabel { outcome: "error" })
                         .inc();
                     error!(error = %e, "device credentials NOT reloaded; the previous ones stay in force");
                 }

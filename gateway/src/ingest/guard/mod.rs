@@ -46,7 +46,7 @@ use tracing::warn;
 
 use self::credentials::{Credentials, Verdict};
 use self::packet::{Connect, Frame, PacketError, Refusal, Reply, ServerLimits};
-use self::session::{Outcome, Session};
+use self::session::{Ending, Session};
 use self::writer::Outbound;
 use super::limit::RateLimiter;
 use super::{IngestError, Intake, LogBudget};
@@ -481,7 +481,7 @@ impl Guard {
             // The broker closed, or the device stopped taking what is written to it.
             _ = &mut writer => return,
         };
-        if let Outcome::Violation(reason, detail) = &outcome {
+        if let Ending::Violation(reason, detail) = &outcome {
             ConnectionClosed {
                 reason: *reason,
                 device: identity.as_deref().unwrap_or(""),
@@ -503,10 +503,10 @@ impl Guard {
         // side, the writer ends once the replies are written.
         drop(session);
         let grace = match outcome {
-            Outcome::Closed => return,
-            Outcome::Stopped => return writer.await,
-            Outcome::Disconnected if broker_open => DISCONNECT_GRACE,
-            Outcome::Disconnected | Outcome::Violation(..) => OWED_GRACE,
+            Ending::Closed => return,
+            Ending::Stopped => return writer.await,
+            Ending::Disconnected if broker_open => DISCONNECT_GRACE,
+            Ending::Disconnected | Ending::Violation(..) => OWED_GRACE,
         };
         if tokio::time::timeout(grace, writer).await.is_err() {
             return;
@@ -713,7 +713,7 @@ mod tests {
             session.forward.clear();
             buf.drain(..used);
             match verdict {
-                Some(Outcome::Violation(reason, _)) => {
+                Some(Ending::Violation(reason, _)) => {
                     ended = Some(reason.label());
                     break;
                 }

@@ -18,7 +18,7 @@ use super::packet::{self, reason, Frame, PacketError, Reply};
 use super::upstream::{self, BROKER_KEEP_ALIVE};
 use super::writer::{Attach, Due, Outbound};
 use super::{Guard, READ_BUFFER};
-use crate::ack::Verdict as Settled;
+use crate::ack::Verdict;
 
 /// Telemetry messages of one connection whose acknowledgement has not been written yet, at
 /// most: past it the guard stops reading from that device until acknowledgements go out
@@ -32,7 +32,7 @@ const BROKER_PING: Duration = Duration::from_secs(BROKER_KEEP_ALIVE as u64 / 2);
 /// Far enough ahead to mean "no deadline" for a timer.
 const NEVER: Duration = Duration::from_secs(86_400);
 
-pub(super) enum Outcome {
+pub(super) enum Ending {
     /// The device or the broker closed the connection.
     Closed,
     /// The device said DISCONNECT.
@@ -173,7 +173,7 @@ impl<'g> Session<'g> {
         mut buf: BytesMut,
         on_behalf: &mut mpsc::UnboundedReceiver<Reply>,
         peer: &SocketAddr,
-    ) -> Outcome
+    ) -> Ending
     where
         R: AsyncRead + Unpin,
     {
@@ -200,20 +200,20 @@ impl<'g> Session<'g> {
             }
             tokio::select! {
                 biased;
-                _ = self.guard.stop_reading.cancelled() => return Outcome::Stopped,
+                _ = self.guard.stop_reading.cancelled() => return Ending::Stopped,
                 Some(reply) = on_behalf.recv() => {
                     if let Err(outcome) = self.send_broker(reply.as_bytes()).await {
                         return outcome;
                     }
                 }
                 read = device.read_buf(&mut buf) => match read {
-                    Ok(0) | Err(_) => return Outcome::Closed,
+                    Ok(0) | Err(_) => return Ending::Closed,
                     Ok(_) => self.last_heard = Instant::now(),
                 },
                 _ = &mut timer => {
                     let now = Instant::now();
                     if self.silence_limit.is_some_and(|limit| now >= self.last_heard + limit) {
-                        return Outcome::Violation(
+                        return Ending::Violation(
                             Closing::KeepAliveTimeout,
                             format!("nothing heard for {:?}", now - self.last_heard),
                         );
@@ -245,7 +245,7 @@ impl<'g> Session<'g> {
 
     /// Writes what one read produced for the broker, opening the broker's side first if this is
     /// the first of it.
-    async fn flush(&mut self, peer: &SocketAddr) -> Result<(), Outcome> {
+    async fn flush(&mut self, peer: &SocketAddr) -> Result<(), Ending> {
         if self.forward.is_empty() {
             return Ok(());
         }
@@ -259,7 +259,7 @@ impl<'g> Session<'g> {
         written
     }
 
-    async fn send_broker(&mut self, bytes: &[u8]) -> Result<(), Outcome> {
+    async fn send_broker(&mut self, bytes: &[u8]) -> Result<(), Ending> {
         match &mut self.broker {
             Broker::Open {
                 to_broker,
@@ -268,7 +268,7 @@ impl<'g> Session<'g> {
                 to_broker
                     .write_all(bytes)
                     .await
-                    .map_err(|_| Outcome::Closed)?;
+                    .map_err(|_| Ending::Closed)?;
                 *last_sent = Instant::now();
                 Ok(())
             }
@@ -278,7 +278,7 @@ impl<'g> Session<'g> {
     }
 
     /// Opens the broker's side now that the device needs it.
-    async fn open(&mut self, peer: &SocketAddr) -> Result<(), Outcome> {
+    async fn open(&mut self, peer: &SocketAddr) -> Result<(), Ending> {
         let Broker::Unopened { hello, .. } = &self.broker else {
             return Ok(());
         };
@@ -289,7 +289,7 @@ impl<'g> Session<'g> {
                 if self.guard.log_budget.allow() {
                     warn!(error = %e, peer = %peer, "cannot open the device's broker side; closing it");
                 }
-                return Err(Outcome::Violation(Closing::BrokerRefused, e.to_string()));
+                return Err(Ending::Violation(Closing::BrokerRefused, e.to_string()));
             }
         };
         self.opened(opened);
@@ -298,7 +298,7 @@ impl<'g> Session<'g> {
 
     /// Handles the whole packets at the front of `buf`: how many bytes they took, and what
     /// ends the connection after them, if anything.
-    pub(super) async fn handle_all(&mut self, buf: &[u8]) -> (usize, Option<Outcome>) {
+    pub(super) async fn handle_all(&mut self, buf: &[u8]) -> (usize, Option<Ending>) {
         let mut at = 0;
         loop {
             let frame = match packet::frame(&buf[at..], self.guard.max_packet) {
@@ -307,13 +307,13 @@ impl<'g> Session<'g> {
                 Err(e @ PacketError::TooLarge { .. }) => {
                     return (
                         at,
-                        Some(Outcome::Violation(Closing::PacketTooLarge, e.to_string())),
+                        Some(Ending::Violation(Closing::PacketTooLarge, e.to_string())),
                     )
                 }
                 Err(e) => {
                     return (
                         at,
-                        Some(Outcome::Violation(Closing::ProtocolError, e.to_string())),
+                        Some(Ending::Violation(Closing::ProtocolError, e.to_string())),
                     )
                 }
             };
@@ -323,21 +323,21 @@ impl<'g> Session<'g> {
             }
             at += frame.len;
             if frame.kind == packet::DISCONNECT {
-                return (at, Some(Outcome::Disconnected));
+                return (at, Some(Ending::Disconnected));
             }
         }
     }
 
     /// One packet: taken in (telemetry), answered, or queued for the broker.
-    async fn handle(&mut self, bytes: &[u8], frame: Frame) -> Result<(), Outcome> {
-        let malformed = |e: PacketError| Outcome::Violation(Closing::ProtocolError, e.to_string());
+    async fn handle(&mut self, bytes: &[u8], frame: Frame) -> Result<(), Ending> {
+        let malformed = |e: PacketError| Ending::Violation(Closing::ProtocolError, e.to_string());
         packet::sent_by_device(frame).map_err(malformed)?;
         match frame.kind {
             packet::PUBLISH => {
                 let publish = packet::publish(bytes, frame, self.v5).map_err(malformed)?;
                 let name = self.topic_of(&publish)?;
                 if name.contains(['+', '#']) {
-                    return Err(Outcome::Violation(
+                    return Err(Ending::Violation(
                         Closing::ProtocolError,
                         format!("publish to {name:?}"),
                     ));
@@ -395,7 +395,7 @@ impl<'g> Session<'g> {
                         .iter()
                         .find(|f| !self.guard.pattern.filter_within(f, id))
                     {
-                        return Err(Outcome::Violation(
+                        return Err(Ending::Violation(
                             Closing::SubscribeDenied,
                             format!("subscribed to {f:?}"),
                         ));
@@ -419,7 +419,7 @@ impl<'g> Session<'g> {
                 }
                 Ok(())
             }
-            packet::CONNECT => Err(Outcome::Violation(
+            packet::CONNECT => Err(Ending::Violation(
                 Closing::ProtocolError,
                 "a second CONNECT".to_owned(),
             )),
@@ -432,10 +432,10 @@ impl<'g> Session<'g> {
     }
 
     /// The topic a PUBLISH goes to, through the device's MQTT 5 topic aliases.
-    fn topic_of(&mut self, publish: &packet::Publish<'_>) -> Result<String, Outcome> {
+    fn topic_of(&mut self, publish: &packet::Publish<'_>) -> Result<String, Ending> {
         let Some(alias) = publish.alias else {
             if publish.name.is_empty() {
-                return Err(Outcome::Violation(
+                return Err(Ending::Violation(
                     Closing::ProtocolError,
                     "publish without a topic".to_owned(),
                 ));
@@ -443,7 +443,7 @@ impl<'g> Session<'g> {
             return Ok(publish.name.to_owned());
         };
         if alias == 0 || alias > TOPIC_ALIAS_MAXIMUM {
-            return Err(Outcome::Violation(
+            return Err(Ending::Violation(
                 Closing::TopicAliasInvalid,
                 format!("topic alias {alias} (at most {TOPIC_ALIAS_MAXIMUM})"),
             ));
@@ -453,7 +453,7 @@ impl<'g> Session<'g> {
             return Ok(publish.name.to_owned());
         }
         self.aliases.get(&alias).cloned().ok_or_else(|| {
-            Outcome::Violation(
+            Ending::Violation(
                 Closing::TopicAliasInvalid,
                 format!("unknown topic alias {alias}"),
             )
@@ -488,7 +488,7 @@ impl<'g> Session<'g> {
         frame: Frame,
         publish: &packet::Publish<'_>,
         name: &str,
-    ) -> Result<(), Outcome> {
+    ) -> Result<(), Ending> {
         let kind = if publish.qos == 2 {
             packet::PUBREC
         } else {
@@ -512,7 +512,7 @@ impl<'g> Session<'g> {
                         self.reply_now(Reply::new(kind, pid, reason::NOT_AUTHORIZED, true));
                         Ok(())
                     }
-                    _ => Err(Outcome::Violation(Closing::IdentityMismatch, detail)),
+                    _ => Err(Ending::Violation(Closing::IdentityMismatch, detail)),
                 };
             }
         }
@@ -523,7 +523,7 @@ impl<'g> Session<'g> {
                 let f = packet::frame(&copy, usize::MAX).ok().flatten();
                 if let Some(f) = f {
                     let named = packet::with_topic(&copy, f, name)
-                        .map_err(|e| Outcome::Violation(Closing::ProtocolError, e.to_string()))?;
+                        .map_err(|e| Ending::Violation(Closing::ProtocolError, e.to_string()))?;
                     self.forward.extend_from_slice(&named);
                 }
             } else {
@@ -547,7 +547,7 @@ impl<'g> Session<'g> {
                             .clone()
                             .acquire_owned()
                             .await
-                            .map_err(|_| Outcome::Closed)?
+                            .map_err(|_| Ending::Closed)?
                     }
                 };
                 let slot = crate::ingest::Unacked::new(slot, self.guard.metrics.clone());
@@ -557,8 +557,8 @@ impl<'g> Session<'g> {
                 let (seq, replies, v5) = (self.take_seq(), self.replies.clone(), self.v5);
                 let done: crate::ack::Done = Box::new(move |verdict| {
                     let code = match verdict {
-                        Settled::Accepted => reason::SUCCESS,
-                        Settled::Refused(why) => reason_code(why),
+                        Verdict::Accepted => reason::SUCCESS,
+                        Verdict::Refused(why) => reason_code(why),
                     };
                     let _ = replies.send(Due {
                         seq,
@@ -573,7 +573,7 @@ impl<'g> Session<'g> {
             .intake
             .accept(name.as_bytes(), publish.payload, publish.content_type, done)
             .await
-            .map_err(|_| Outcome::Stopped)
+            .map_err(|_| Ending::Stopped)
     }
 
     fn take_seq(&mut self) -> u64 {
