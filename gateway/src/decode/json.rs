@@ -1,6 +1,12 @@
 //! JSON (RFC 8259) payloads, parsed with serde_json and walked into the same builder as CBOR.
+//!
+//! Parsed into our own [`Value`], not serde_json's: its maps keep the last of two equal keys
+//! and drop the other without a word, where ours keep both, so that the builder refuses a
+//! duplicate key as it does in CBOR.
 
-use serde_json::Value;
+use std::fmt;
+
+use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 
 use super::{finish_reading, DecodeError, Decoded, Number, RawTs, ReadingBuilder, Target, Val};
 
@@ -49,7 +55,7 @@ fn reading(
     };
     b.reset();
     let limits = target.limits;
-    for (key, value) in map {
+    for (key, value) in map.iter() {
         match key.as_str() {
             "fields" => {
                 b.saw_fields();
@@ -63,7 +69,7 @@ fn reading(
                         continue;
                     }
                     match v {
-                        Value::Number(n) => b.add_field_number(key, number(n), limits),
+                        Value::Number(n) => b.add_field_number(key, *n, limits),
                         Value::Bool(v) => b.add_field(key, Val::Bool(*v)),
                         Value::String(s) => {
                             if b.check_text_len(s.len(), limits) {
@@ -93,7 +99,7 @@ fn reading(
                                 b.add_tag(key, span);
                             }
                         }
-                        Value::Number(n) => b.add_tag_number(key, number(n)),
+                        Value::Number(n) => b.add_tag_number(key, *n),
                         Value::Bool(v) => b.add_tag_bool(key, *v),
                         Value::Array(_) | Value::Object(_) => b.nested(key),
                         Value::Null => b.bad_value(key, "null"),
@@ -101,7 +107,7 @@ fn reading(
                 }
             }
             "ts" => match value {
-                Value::Number(n) => b.set_ts(match number(n) {
+                Value::Number(n) => b.set_ts(match *n {
                     Number::Int(i) => RawTs::Int(i),
                     Number::Float(f) => RawTs::Seconds(f),
                 }),
@@ -123,14 +129,75 @@ fn reading(
     finish_reading(b, target, out, outcome);
 }
 
-fn number(n: &serde_json::Number) -> Number {
-    if let Some(i) = n.as_i64() {
-        Number::Int(i.into())
-    } else if let Some(u) = n.as_u64() {
-        Number::Int(u.into())
-    } else {
+/// A JSON value whose maps keep every entry, in order.
+#[derive(Debug)]
+enum Value {
+    Null,
+    Bool(bool),
+    Number(Number),
+    String(String),
+    Array(Vec<Value>),
+    Object(Vec<(String, Value)>),
+}
+
+impl<'de> Deserialize<'de> for Value {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(ValueVisitor)
+    }
+}
+
+struct ValueVisitor;
+
+impl<'de> Visitor<'de> for ValueVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::Number(Number::Int(v.into())))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::Number(Number::Int(v.into())))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
         // serde_json refuses NaN and infinities at parse time, so this is a finite float.
-        Number::Float(n.as_f64().unwrap_or(f64::NAN))
+        Ok(Value::Number(Number::Float(v)))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1024));
+        while let Some(item) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut entries = Vec::new();
+        while let Some(entry) = map.next_entry()? {
+            entries.push(entry);
+        }
+        Ok(Value::Object(entries))
     }
 }
 
