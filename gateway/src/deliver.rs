@@ -4,8 +4,8 @@
 //! ```text
 //! batch ─▶ write (retries: backoff + jitter, Retry-After) ─ok─▶ written
 //!            │
-//!            ├─ 400 / 413, several lines ─▶ split in halves, each half again
-//!            ├─ 400 / 413, one line ──────▶ park: rejected_by_sink
+//!            ├─ 400 / 422 / 413, several lines ─▶ split in halves, each half again
+//!            ├─ 400 / 422 / 413, one line ──────▶ park: rejected_by_sink
 //!            ├─ 401 / 403 / 404 ──────────▶ park: refused_by_sink (log loudly)
 //!            └─ retries exhausted ────────▶ park: retries_exhausted, sink marked down:
 //!                                            later batches park at once, redrive probes
@@ -416,7 +416,7 @@ impl Deliverer {
                     tokio::time::sleep(wait).await;
                 }
                 error => {
-                    // A 400 or 413 is the sink answering about the data: it is reachable.
+                    // A 400, 422 or 413 is the sink answering about the data: it is reachable.
                     let reachable = matches!(
                         error,
                         SinkError::Rejected { .. } | SinkError::TooLarge { .. }

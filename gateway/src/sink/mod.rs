@@ -27,7 +27,8 @@ pub enum SinkError {
     /// 413: the batch is too large; split it and send the halves.
     #[error("sink says the batch is too large (413): {body}")]
     TooLarge { body: String },
-    /// 400: the sink refused points in the batch; resending the same lines cannot help.
+    /// 400, 422: the sink refused points in the batch (422: InfluxDB 2's partial write, for
+    /// points outside the retention period); resending the same lines cannot help.
     #[error("sink rejected points ({status}): {body}")]
     Rejected { status: u16, body: String },
     /// 401, 403, 404 and other statuses: the gateway's configuration (token, database, URL) is
@@ -48,7 +49,7 @@ impl SinkError {
                 detail: body,
             },
             413 => SinkError::TooLarge { body },
-            400 => SinkError::Rejected { status, body },
+            400 | 422 => SinkError::Rejected { status, body },
             _ => SinkError::Refused { status, body },
         }
     }
@@ -170,6 +171,7 @@ mod tests {
         assert_eq!(o(503), "server_error");
         assert_eq!(o(413), "too_large");
         assert_eq!(o(400), "rejected");
+        assert_eq!(o(422), "rejected", "InfluxDB 2's partial write: the lines, not the setup");
         assert_eq!(o(401), "refused");
         assert_eq!(o(403), "refused");
         assert_eq!(o(404), "refused");
