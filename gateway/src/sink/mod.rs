@@ -171,7 +171,11 @@ mod tests {
         assert_eq!(o(503), "server_error");
         assert_eq!(o(413), "too_large");
         assert_eq!(o(400), "rejected");
-        assert_eq!(o(422), "rejected", "InfluxDB 2's partial write: the lines, not the setup");
+        assert_eq!(
+            o(422),
+            "rejected",
+            "InfluxDB 2's partial write: the lines, not the setup"
+        );
         assert_eq!(o(401), "refused");
         assert_eq!(o(403), "refused");
         assert_eq!(o(404), "refused");
