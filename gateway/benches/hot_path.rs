@@ -15,6 +15,15 @@ fn reading_json(i: i64) -> serde_json::Value {
     })
 }
 
+/// The simulator's reading, as `./scripts/bench.sh` sends it: two float fields and one tag.
+fn reading_sim(i: i64) -> serde_json::Value {
+    serde_json::json!({
+        "ts": 1_764_126_000_000i64 + i,
+        "fields": {"value": 21.0 + (i % 997) as f64 / 1000.0, "seq": i as f64},
+        "tags": {"run": "embedded-100-8000-3"},
+    })
+}
+
 fn cbor(value: &serde_json::Value) -> Vec<u8> {
     let mut out = Vec::new();
     ciborium::into_writer(value, &mut out).expect("CBOR encodes");
@@ -39,6 +48,8 @@ fn bench(c: &mut Criterion) {
     let hundred: Vec<serde_json::Value> = (0..100).map(reading_json).collect();
     let hundred_cbor = cbor(&serde_json::Value::Array(hundred.clone()));
     let hundred_json = serde_json::to_vec(&hundred).expect("json");
+    let sim: Vec<serde_json::Value> = (0..100).map(reading_sim).collect();
+    let sim_cbor = cbor(&serde_json::Value::Array(sim));
     eprintln!(
         "one CBOR reading: {} bytes; one JSON reading: {} bytes",
         one_cbor.len(),
@@ -51,6 +62,7 @@ fn bench(c: &mut Criterion) {
         ("json/1", &one_json, 1),
         ("cbor/100", &hundred_cbor, 100),
         ("json/100", &hundred_json, 100),
+        ("cbor/100-simulator", &sim_cbor, 100),
     ] {
         group.throughput(Throughput::Elements(readings));
         let mut d = decoder();

@@ -32,6 +32,33 @@ pub fn unencodable_backslash(name: &str) -> bool {
             .any(|w| w[0] == b'\\' && matches!(w[1], b',' | b'=' | b' ' | b'\\'))
 }
 
+/// Why a tag key, tag value or field key cannot be written as it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NameFault {
+    /// A control character (Unicode Cc): line protocol has no escape for it.
+    Control,
+    /// See [`unencodable_backslash`].
+    Backslash,
+}
+
+/// Checks a name for both faults, control characters first.
+pub fn name_fault(name: &str) -> Option<NameFault> {
+    // Every name is checked, most hold none of the bytes either check looks at: one pass
+    // without branches rules them out. 0xC2 starts U+0080..U+00BF, where the C1 controls are.
+    let suspect = name.as_bytes().iter().fold(false, |acc, &b| {
+        acc | (b < 0x20) | (b == 0x7f) | (b == 0xc2) | (b == b'\\')
+    });
+    if !suspect {
+        None
+    } else if name.chars().any(char::is_control) {
+        Some(NameFault::Control)
+    } else if unencodable_backslash(name) {
+        Some(NameFault::Backslash)
+    } else {
+        None
+    }
+}
+
 /// A field value as the sink stores it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum FieldValue<'a> {
@@ -92,10 +119,12 @@ fn push_float(out: &mut Vec<u8>, v: f64) {
         v.is_finite(),
         "non-finite floats are refused by the decoder"
     );
-    // Exactly representable integers only, and not -0.0 (which must keep its sign).
-    if v.fract() == 0.0 && v.abs() < 9.0e15 && (v != 0.0 || v.is_sign_positive()) {
+    // Exactly representable integers only, and not -0.0 (which must keep its sign). The
+    // round trip through i64 tests for a whole number without a call to `trunc`.
+    let whole = v as i64;
+    if v.abs() < 9.0e15 && whole as f64 == v && (v != 0.0 || v.is_sign_positive()) {
         let mut buf = itoa::Buffer::new();
-        out.extend_from_slice(buf.format(v as i64).as_bytes());
+        out.extend_from_slice(buf.format(whole).as_bytes());
     } else {
         let mut buf = ryu::Buffer::new();
         out.extend_from_slice(buf.format_finite(v).as_bytes());
@@ -113,7 +142,13 @@ pub fn push_timestamp(out: &mut Vec<u8>, ts_ns: i64) {
 #[inline]
 fn push_escaped(out: &mut Vec<u8>, s: &str, needs_escape: impl Fn(u8) -> bool) {
     let bytes = s.as_bytes();
-    // Most names need no escaping at all: copy runs between special bytes in one go.
+    // Most names need no escaping at all: a pass without branches finds that out, and they
+    // are copied in one go.
+    if !bytes.iter().fold(false, |acc, &b| acc | needs_escape(b)) {
+        out.extend_from_slice(bytes);
+        return;
+    }
+    // Otherwise copy the runs between special bytes.
     let mut start = 0;
     for (i, &b) in bytes.iter().enumerate() {
         if needs_escape(b) {
@@ -232,6 +267,39 @@ mod tests {
         }
         for ok in ["a\\b", "\\n", "plain", "a,b=c d"] {
             assert!(!unencodable_backslash(ok), "{ok:?}");
+        }
+    }
+
+    #[test]
+    fn name_faults_agree_with_the_character_rules() {
+        let cases = [
+            ("plain", None),
+            ("°C", None),
+            ("naïve", None),
+            ("a\\b", None),
+            ("tab\there", Some(NameFault::Control)),
+            ("del\u{7f}", Some(NameFault::Control)),
+            ("c1\u{85}", Some(NameFault::Control)),
+            ("c1\u{9f}", Some(NameFault::Control)),
+            ("\u{a0}nbsp", None),
+            ("end\\", Some(NameFault::Backslash)),
+            ("both\\\n", Some(NameFault::Control)),
+        ];
+        for (name, want) in cases {
+            assert_eq!(name_fault(name), want, "{name:?}");
+        }
+        // Every character up to U+00FF, alone and between letters.
+        for c in (0u32..=0xff).filter_map(char::from_u32) {
+            for name in [c.to_string(), format!("a{c}b")] {
+                let want = if name.chars().any(char::is_control) {
+                    Some(NameFault::Control)
+                } else if unencodable_backslash(&name) {
+                    Some(NameFault::Backslash)
+                } else {
+                    None
+                };
+                assert_eq!(name_fault(&name), want, "{name:?}");
+            }
         }
     }
 

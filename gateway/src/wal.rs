@@ -676,24 +676,31 @@ fn instant_of(unix_ms: i64) -> Instant {
 }
 
 /// Cuts line protocol into pieces of at most `max` lines: (bytes, lines).
-fn split_lines(data: Vec<u8>, max: usize) -> Vec<(Vec<u8>, u32)> {
-    let mut out = Vec::new();
-    let mut start = 0;
-    let mut count = 0;
-    for (i, b) in data.iter().enumerate() {
-        if *b == b'\n' {
-            count += 1;
-            if count == max {
-                out.push((data[start..=i].to_vec(), count as u32));
-                start = i + 1;
-                count = 0;
-            }
+fn split_lines(mut data: Vec<u8>, max: usize) -> Vec<(Vec<u8>, u32)> {
+    // Where each piece starts, and how many lines it has.
+    let mut cuts = vec![(0usize, 0u32)];
+    for end in memchr::memchr_iter(b'\n', &data) {
+        let last = cuts.len() - 1;
+        cuts[last].1 += 1;
+        if cuts[last].1 as usize == max && end + 1 < data.len() {
+            cuts.push((end + 1, 0));
         }
     }
-    if start < data.len() {
-        out.push((data[start..].to_vec(), count as u32));
+    if data.is_empty() {
+        return Vec::new();
     }
-    out
+    // Split from the back so that each piece is copied once and the first is `data` itself,
+    // shrunk so that the queue's byte count stays what the pieces hold.
+    let mut pieces: Vec<(Vec<u8>, u32)> = cuts
+        .iter()
+        .skip(1)
+        .rev()
+        .map(|&(at, lines)| (data.split_off(at), lines))
+        .collect();
+    data.shrink_to_fit();
+    pieces.push((data, cuts[0].1));
+    pieces.reverse();
+    pieces
 }
 
 /// One record for a group of messages: their lines, readings, first topics and receive times.
@@ -1128,5 +1135,14 @@ mod tests {
         assert_eq!(counts, vec![2, 2, 1]);
         assert_eq!(pieces[2].0, b"e 5\n");
         assert!(split_lines(Vec::new(), 2).is_empty());
+        let whole: Vec<u8> = pieces.into_iter().flat_map(|(lines, _)| lines).collect();
+        assert_eq!(whole, b"a 1\nb 2\nc 3\nd 4\ne 5\n");
+        let pieces = split_lines(b"a 1\nb 2\nc".to_vec(), 2);
+        assert_eq!(
+            pieces,
+            vec![(b"a 1\nb 2\n".to_vec(), 2), (b"c".to_vec(), 0)]
+        );
+        let pieces = split_lines(b"a 1\nb 2\n".to_vec(), 5);
+        assert_eq!(pieces, vec![(b"a 1\nb 2\n".to_vec(), 2)]);
     }
 }

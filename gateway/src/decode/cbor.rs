@@ -132,16 +132,24 @@ fn invalid(at: usize) -> DecodeError {
     DecodeError::MalformedCbor(format!("invalid item at byte {at}"))
 }
 
-/// IEEE 754 half precision, widened.
+/// IEEE 754 half precision, widened. Built from the bits: every half is exact in an f64, and
+/// simulated sensors send many small whole numbers that CBOR encoders shrink to halves.
 fn f16_to_f64(h: u16) -> f64 {
-    let sign = if h & 0x8000 == 0 { 1.0 } else { -1.0 };
-    let exponent = i32::from((h >> 10) & 0x1f);
-    let mantissa = f64::from(h & 0x3ff);
-    match exponent {
-        0 => sign * mantissa * 2f64.powi(-24),
-        31 if mantissa == 0.0 => sign * f64::INFINITY,
-        31 => f64::NAN,
-        e => sign * (1.0 + mantissa / 1024.0) * 2f64.powi(e - 15),
+    let negative = h & 0x8000 != 0;
+    let exponent = u64::from((h >> 10) & 0x1f);
+    let mantissa = u64::from(h & 0x3ff);
+    let magnitude = match exponent {
+        // Subnormal: mantissa × 2^-24 (f64 exponent 1023 - 24).
+        0 => mantissa as f64 * f64::from_bits(999 << 52),
+        31 if mantissa == 0 => f64::INFINITY,
+        31 => return f64::NAN,
+        // Rebias 15 → 1023 and move the 10 mantissa bits to the top of f64's 52.
+        e => f64::from_bits(((e + 1008) << 52) | (mantissa << 42)),
+    };
+    if negative {
+        -magnitude
+    } else {
+        magnitude
     }
 }
 
@@ -643,6 +651,28 @@ mod tests {
                 h => Ok(h),
             });
             assert!(result.is_err(), "{bytes:02x?} gave {result:?}");
+        }
+    }
+
+    #[test]
+    fn every_half_widens_to_its_value() {
+        // The definition, term by term (IEEE 754 binary16), against the bit-built widening.
+        for h in 0..=u16::MAX {
+            let sign = if h & 0x8000 == 0 { 1.0 } else { -1.0 };
+            let exponent = i32::from((h >> 10) & 0x1f);
+            let mantissa = f64::from(h & 0x3ff);
+            let want = match exponent {
+                0 => sign * mantissa * 2f64.powi(-24),
+                31 if mantissa == 0.0 => sign * f64::INFINITY,
+                31 => f64::NAN,
+                e => sign * (1.0 + mantissa / 1024.0) * 2f64.powi(e - 15),
+            };
+            let got = f16_to_f64(h);
+            if want.is_nan() {
+                assert!(got.is_nan(), "{h:#06x}");
+            } else {
+                assert_eq!(got.to_bits(), want.to_bits(), "{h:#06x}");
+            }
         }
     }
 }

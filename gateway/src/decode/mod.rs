@@ -335,6 +335,71 @@ pub(crate) struct ReadingBuilder {
     ts: Option<RawTs>,
     saw_fields: bool,
     error: Option<DecodeError>,
+    /// Kept across readings, unlike the rest.
+    series: SeriesCache,
+}
+
+/// The last series written: the readings of one message nearly always share their
+/// measurement, device and tags, and then their line starts with the same bytes. Those are
+/// copied instead of being sorted, checked and escaped again.
+#[derive(Default)]
+struct SeriesCache {
+    /// Measurement, device, then each tag key and value in the payload's order, every part
+    /// preceded by its length: the input the prefix was made from.
+    input: Vec<u8>,
+    /// `measurement,tag=value,...` as it was written.
+    prefix: Vec<u8>,
+}
+
+impl SeriesCache {
+    /// True when these are the inputs of the cached prefix.
+    fn holds(&self, target: &Target<'_>, text: &str, tags: &[(Span, Span)]) -> bool {
+        let mut rest = self.input.as_slice();
+        let mut next = |part: &str| match rest.split_first_chunk::<4>() {
+            Some((len, tail))
+                if u32::from_le_bytes(*len) as usize == part.len()
+                    && tail.starts_with(part.as_bytes()) =>
+            {
+                rest = &tail[part.len()..];
+                true
+            }
+            _ => false,
+        };
+        next(target.measurement)
+            && next(target.device)
+            && tags
+                .iter()
+                .all(|(k, v)| next(&text[k.range()]) && next(&text[v.range()]))
+            && rest.is_empty()
+    }
+
+    /// Records the inputs of the prefix about to be written; until [`Self::set_prefix`] the
+    /// cache holds nothing.
+    fn begin(&mut self, target: &Target<'_>, text: &str, tags: &[(Span, Span)]) {
+        self.input.clear();
+        self.prefix.clear();
+        let mut push = |part: &str| {
+            // Parts are bounded by the payload size limit, far below 4 GiB.
+            self.input
+                .extend_from_slice(&(part.len() as u32).to_le_bytes());
+            self.input.extend_from_slice(part.as_bytes());
+        };
+        push(target.measurement);
+        push(target.device);
+        for (k, v) in tags {
+            push(&text[k.range()]);
+            push(&text[v.range()]);
+        }
+    }
+
+    fn set_prefix(&mut self, prefix: &[u8]) {
+        self.prefix.extend_from_slice(prefix);
+    }
+
+    fn forget(&mut self) {
+        self.input.clear();
+        self.prefix.clear();
+    }
 }
 
 impl ReadingBuilder {
@@ -392,12 +457,8 @@ impl ReadingBuilder {
                 len: k.len(),
                 max: limits.max_key_bytes,
             })
-        } else if k.chars().any(char::is_control) {
-            Some(DecodeError::ControlCharacter)
-        } else if line_protocol::unencodable_backslash(k) {
-            Some(DecodeError::UnencodableBackslash)
         } else {
-            None
+            line_protocol::name_fault(k).map(name_error)
         };
         match err {
             Some(e) => {
@@ -426,10 +487,8 @@ impl ReadingBuilder {
         if v.is_empty() {
             let k = self.str(key).to_owned();
             self.fail(DecodeError::EmptyTagValue(k));
-        } else if v.chars().any(char::is_control) {
-            self.fail(DecodeError::ControlCharacter);
-        } else if line_protocol::unencodable_backslash(v) {
-            self.fail(DecodeError::UnencodableBackslash);
+        } else if let Some(fault) = line_protocol::name_fault(v) {
+            self.fail(name_error(fault));
         } else {
             self.tags.push((key, value));
         }
@@ -527,24 +586,12 @@ impl ReadingBuilder {
             });
         }
         let ts_ns = self.timestamp(target)?;
-
-        // The topic names the device; a `device` tag in the payload yields to it.
-        self.tags.retain(|(k, _)| &self.text[k.range()] != "device");
-        let device = self.push_text(target.device);
-        let device_key = self.push_text("device");
-        self.tags.push((device_key, device));
-
-        // Sorted tags are InfluxDB's canonical series key; sorting also finds duplicates.
-        let text = &self.text;
-        self.tags
-            .sort_unstable_by(|a, b| text[a.0.range()].cmp(&text[b.0.range()]));
-        if let Some(w) = self
-            .tags
-            .windows(2)
-            .find(|w| text[w[0].0.range()] == text[w[1].0.range()])
-        {
-            return Err(DecodeError::DuplicateKey(text[w[0].0.range()].to_owned()));
+        if self.series.holds(target, &self.text, &self.tags) {
+            out.extend_from_slice(&self.series.prefix);
+        } else {
+            self.write_series(target, out)?;
         }
+        let text = &self.text;
         // Field order means nothing to the sink, so fields are only checked for duplicates:
         // pairwise for the usual handful, by sorting when there are many.
         let fields = &mut self.fields;
@@ -560,10 +607,6 @@ impl ReadingBuilder {
             return Err(DecodeError::DuplicateKey(key(i, fields).to_owned()));
         }
 
-        line_protocol::push_measurement(out, target.measurement);
-        for (k, v) in &self.tags {
-            line_protocol::push_tag(out, &text[k.range()], &text[v.range()]);
-        }
         out.push(b' ');
         for (i, (k, v)) in self.fields.iter().enumerate() {
             let value = match *v {
@@ -575,6 +618,36 @@ impl ReadingBuilder {
             line_protocol::push_field(out, i == 0, &text[k.range()], value);
         }
         line_protocol::push_timestamp(out, ts_ns);
+        Ok(())
+    }
+
+    /// Writes `measurement,tag=value,...` for this reading's tags and remembers it.
+    fn write_series(&mut self, target: &Target<'_>, out: &mut Vec<u8>) -> Result<(), DecodeError> {
+        self.series.begin(target, &self.text, &self.tags);
+        // The topic names the device; a `device` tag in the payload yields to it.
+        self.tags.retain(|(k, _)| &self.text[k.range()] != "device");
+        let device = self.push_text(target.device);
+        let device_key = self.push_text("device");
+        self.tags.push((device_key, device));
+
+        // Sorted tags are InfluxDB's canonical series key; sorting also finds duplicates.
+        let text = &self.text;
+        self.tags
+            .sort_unstable_by(|a, b| text[a.0.range()].cmp(&text[b.0.range()]));
+        if let Some(w) = self
+            .tags
+            .windows(2)
+            .find(|w| text[w[0].0.range()] == text[w[1].0.range()])
+        {
+            self.series.forget();
+            return Err(DecodeError::DuplicateKey(text[w[0].0.range()].to_owned()));
+        }
+        let start = out.len();
+        line_protocol::push_measurement(out, target.measurement);
+        for (k, v) in &self.tags {
+            line_protocol::push_tag(out, &text[k.range()], &text[v.range()]);
+        }
+        self.series.set_prefix(&out[start..]);
         Ok(())
     }
 
@@ -619,6 +692,13 @@ impl ReadingBuilder {
             return Err(DecodeError::TimestampInFuture);
         }
         Ok(ns)
+    }
+}
+
+fn name_error(fault: line_protocol::NameFault) -> DecodeError {
+    match fault {
+        line_protocol::NameFault::Control => DecodeError::ControlCharacter,
+        line_protocol::NameFault::Backslash => DecodeError::UnencodableBackslash,
     }
 }
 

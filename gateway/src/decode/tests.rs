@@ -531,3 +531,69 @@ fn a_short_key_of_broken_utf8_makes_the_cbor_payload_malformed() {
     assert_eq!(reasons(&r), vec!["malformed_cbor"], "{r:?}");
     assert!(out.is_empty());
 }
+
+#[test]
+fn a_message_decodes_as_its_readings_would_one_by_one() {
+    // The series prefix is reused between readings of one message and between messages of
+    // one device: tags that change, repeat, break a rule, name the device or come in another
+    // order must give exactly the lines each reading gives alone, from a fresh decoder.
+    let reading = |ts: i64, tags: Vec<(&str, &str)>| {
+        map(vec![
+            ("ts", C::Integer(ts.into())),
+            ("fields", map(vec![("v", C::Float(1.5))])),
+            (
+                "tags",
+                C::Map(
+                    tags.into_iter()
+                        .map(|(k, v)| (C::Text(k.into()), C::Text(v.into())))
+                        .collect(),
+                ),
+            ),
+        ])
+    };
+    let ms = 1_764_126_000_000i64;
+    let readings = vec![
+        reading(ms, vec![("a", "1")]),
+        reading(ms + 1, vec![("a", "1")]),
+        reading(ms + 2, vec![("a", "2")]),
+        reading(ms + 3, vec![("a", "1"), ("a", "1")]),
+        reading(ms + 4, vec![("a", "1")]),
+        reading(ms + 5, vec![("device", "other"), ("a", "1")]),
+        reading(ms + 6, vec![("a", "1"), ("device", "other")]),
+        reading(ms + 7, vec![("b", "1"), ("a", "1")]),
+        reading(ms + 8, vec![("a", "1"), ("b", "1")]),
+        reading(ms + 9, vec![]),
+        reading(ms + 10, vec![("a", "1,2")]),
+        reading(ms + 11, vec![("a", "1")]),
+    ];
+    let alone: Vec<(Vec<&str>, String)> = readings
+        .iter()
+        .map(|r| {
+            let (result, out) = cbor(r.clone());
+            (reasons(&result), out)
+        })
+        .collect();
+    let want_lines: String = alone.iter().map(|(_, out)| out.as_str()).collect();
+    let want_reasons: Vec<&str> = alone.iter().flat_map(|(r, _)| r.clone()).collect();
+    assert_eq!(want_reasons, vec!["duplicate_key"]);
+
+    let mut d = decoder(Limits::default());
+    let payload = to_cbor(&C::Array(readings.clone()));
+    for topic in [
+        "telemetry/dev-1/env",
+        "telemetry/dev-2/env",
+        "telemetry/dev-1/env",
+    ] {
+        let mut out = Vec::new();
+        let r = d.decode(topic, &payload, None, NOW, &mut out);
+        assert_eq!(reasons(&r), want_reasons);
+        let got = String::from_utf8(out).expect("utf-8");
+        assert_eq!(got, want_lines.replace("dev-1", &topic[10..15]), "{topic}");
+    }
+    // Another measurement from the same decoder.
+    let mut out = Vec::new();
+    d.decode("telemetry/dev-1/power", &payload, None, NOW, &mut out)
+        .expect("decodes");
+    let got = String::from_utf8(out).expect("utf-8");
+    assert_eq!(got, want_lines.replace("env,", "power,"));
+}
