@@ -282,6 +282,12 @@ impl<'a> Connect<'a> {
         } else {
             None
         };
+        if level == 4 && password.is_some() && username.is_none() {
+            // MQTT-3.1.2-22. rumqttd would read it as a login with an empty user name.
+            return Err(PacketError::Malformed(
+                "a password without a user name (MQTT 3.1.1 allows none)",
+            ));
+        }
         if !r.is_empty() {
             return Err(PacketError::Malformed("bytes after the CONNECT payload"));
         }
@@ -835,6 +841,35 @@ mod tests {
             assert_eq!(c.username, Some("dev-1"));
             assert_eq!(c.password, Some(&b"pw"[..]));
             assert_eq!(c.will_topic, Some("telemetry/dev-1/status"));
+        }
+    }
+
+    /// Found by the `mqtt_rumqttd` fuzz target: the guard read no user name where rumqttd
+    /// reads an empty one.
+    #[test]
+    fn a_password_without_a_user_name_is_malformed_in_3_1_1_and_allowed_in_5() {
+        for level in [4u8, 5] {
+            let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', level, PASSWORD_FLAG, 0, 60];
+            if level == 5 {
+                body.push(0);
+            }
+            body.extend_from_slice(&[0, 5]);
+            body.extend_from_slice(b"dev-1");
+            body.extend_from_slice(&[0, 3]);
+            body.extend_from_slice(b"pas");
+            let p = framed(CONNECT << 4, &body);
+            let f = frame(&p, 1 << 20).expect("test").expect("test");
+            let parsed = Connect::parse(&p, f);
+            if level == 4 {
+                assert!(
+                    matches!(parsed, Err(PacketError::Malformed(m)) if m.contains("password")),
+                    "{:?}",
+                    parsed.map(|c| c.client_id)
+                );
+            } else {
+                let c = parsed.expect("MQTT 5 allows a password alone");
+                assert_eq!((c.username, c.password), (None, Some(&b"pas"[..])));
+            }
         }
     }
 
